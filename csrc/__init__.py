@@ -1,0 +1,191 @@
+"""Native CPU ops (C++, OpenMP) for the PPO-Lagrangian hot path, JIT-built on first use.
+
+The C++ sources beside this file register torch operators in the ``saferlhf`` namespace:
+``logprobs_forward``, ``logprobs_backward``, ``shape_rewards`` and ``dual_gae`` (``torch.ops.saferlhf.*``).
+They are compiled by ``torch.utils.cpp_extension.load`` the first time ``load()`` is called (about a
+minute on two cores; cached in torch's extensions directory and reused by later processes). When no
+compiler is available or the build fails, ``load()`` logs why once and returns None, and
+``saferlhf.ops`` uses the reference instead.
+
+The functions below take the arguments of their references in ``saferlhf.algorithms`` (they convert
+dtypes and layouts, then call the operator); they need a successful ``load()``. Float64 inputs are
+not served here: float64 is the tests' ground truth and stays on the reference.
+
+Notation: N rows of logits (all leading dimensions), V vocabulary, B rows, T tokens, K constraints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+_SOURCES = ("logprobs.cpp", "shape_rewards.cpp", "dual_gae.cpp")
+_log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ops" once a build was attempted (None when it failed)
+
+
+def _cpu_fingerprint() -> str:
+    """A short hash of the CPU's instruction-set flags.
+
+    The build uses -march=native, so a cached binary is valid only on CPUs with the same flags; the
+    fingerprint is part of the extension's name, so a shared cache directory holds one per CPU kind.
+    """
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line for line in cpuinfo if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+def _build() -> object:
+    """Compile (or reuse from the cache) and load the operators; returns ``torch.ops.saferlhf``."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler ({compiler!r} is not on PATH)")
+    here = Path(__file__).parent
+    _log.info("building the native ops (first use; cached afterwards)")
+    cpp_extension.load(
+        name=f"saferlhf_native_{_cpu_fingerprint()}",
+        sources=[str(here / source) for source in _SOURCES],
+        # -fopenmp turns at::parallel_for into an OpenMP region (it runs serially without it) and
+        # enables the `omp simd` loops; the binary links the libgomp torch has already loaded.
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,  # the library only registers torch operators
+    )
+    return torch.ops.saferlhf
+
+
+def _reason(error: Exception) -> str:
+    """The first line of a build failure and its first compiler error (the full log is pages long)."""
+    lines = str(error).splitlines() or [type(error).__name__]
+    first_error = next((line.strip() for line in lines if "error" in line.lower() and line != lines[0]), "")
+    return f"{lines[0]} {first_error}".strip()
+
+
+def load() -> object | None:
+    """The native operators (``torch.ops.saferlhf``), built on the first call; None if unavailable.
+
+    The first failure is logged once with its reason; later calls return None without retrying.
+    """
+    with _lock:
+        if "ops" not in _state:
+            try:
+                _state["ops"] = _build()
+            except Exception as error:  # any build or load failure means "no native ops"
+                _log.warning("native CPU ops unavailable, using the reference instead: %s", _reason(error))
+                _state["ops"] = None
+        return _state["ops"]
+
+
+def _require() -> object:
+    ops = load()
+    if ops is None:
+        raise RuntimeError("the native ops did not build (see the log); use the reference")
+    return ops
+
+
+class _Logprobs(torch.autograd.Function):
+    """logprobs with the native forward and backward; the backward writes into the logits on request."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, inplace_backward):
+        logp, lse = _require().logprobs_forward(logits, labels, temperature)  # (...), (...)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature = temperature
+        ctx.inplace_backward = inplace_backward
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp):
+        logits, labels, lse = ctx.saved_tensors
+        grad_logits = logits.detach() if ctx.inplace_backward else torch.empty_like(logits)
+        _require().logprobs_backward(grad_logp, logits, labels, lse, ctx.temperature, grad_logits)
+        return grad_logits, None, None, None
+
+
+def logprobs(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, inplace_backward: bool = False
+) -> torch.Tensor:
+    """log softmax(logits / τ)[label], differentiable w.r.t. the logits.
+
+    Args:
+        logits: (..., V) float32, bfloat16 or float16; any strides on the leading dimensions.
+        labels: (...) token ids in [0, V).
+        temperature: τ > 0.
+        inplace_backward: the backward overwrites ``logits`` with its gradient instead of allocating
+            one; only when nothing else reads those logits afterwards.
+    Returns:
+        (...) float32.
+    """
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return _Logprobs.apply(logits, labels.long(), float(temperature), inplace_backward)
+
+
+def shape_rewards(
+    logp_old: torch.Tensor,
+    logp_ref: torch.Tensor,
+    mask: torch.Tensor,
+    reward: torch.Tensor,
+    cost: torch.Tensor,
+    beta: float,
+    clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL-shaped (rewards, costs), each (B, T) float32; see ``saferlhf.algorithms.shape_rewards``."""
+    return _require().shape_rewards(
+        logp_old.float().contiguous(),
+        logp_ref.float().contiguous(),
+        mask.bool().contiguous(),
+        reward.float().contiguous(),
+        cost.float().contiguous(),
+        float(beta),
+        float(clip),
+    )
+
+
+def dual_gae(
+    rewards: torch.Tensor,
+    costs: torch.Tensor,
+    values_r: torch.Tensor,
+    values_c: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+    lagrange_lambda: float | Sequence[float] | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(adv_r, ret_r, adv_c, ret_c, adv), float32; see ``saferlhf.algorithms.dual_gae``.
+
+    ``costs`` and ``values_c`` are (B, T) for one constraint or (K, B, T) for K, with λ one value or K.
+    """
+    one_constraint = costs.dim() == rewards.dim()
+    if one_constraint:
+        costs, values_c = costs.unsqueeze(0), values_c.unsqueeze(0)  # (1, B, T)
+    lambdas = torch.as_tensor(lagrange_lambda, dtype=torch.float32).reshape(-1)  # (K,)
+    if lambdas.numel() != costs.shape[0]:
+        raise ValueError(f"{costs.shape[0]} cost streams need as many λ, got {lambdas.numel()}")
+    adv_r, ret_r, adv_c, ret_c, adv = _require().dual_gae(
+        rewards.float().contiguous(),
+        costs.float().contiguous(),
+        values_r.float().contiguous(),
+        values_c.float().contiguous(),
+        mask.bool().contiguous(),
+        float(gamma),
+        float(lam),
+        lambdas.contiguous(),
+    )
+    if one_constraint:
+        adv_c, ret_c = adv_c.squeeze(0), ret_c.squeeze(0)  # (B, T)
+    return adv_r, ret_r, adv_c, ret_c, adv

@@ -1,0 +1,5 @@
+import sys
+
+from saferlhf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,94 @@
+"""``saferlhf <command>``: the command line of every stage.
+
+    saferlhf sft|rm|cm --config FILE [key=value ...]   one stage (``--help`` lists every key)
+    saferlhf data check PATH --kind {preference,sft,prompt} [--json]
+    saferlhf demo [--out DIR] [--json]                  the main job on the toy world
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from saferlhf.config import ConfigError, build_config, describe, resolve_preset
+
+STAGE_COMMANDS = {"sft": "sft", "rm": "rm", "cm": "cm"}
+USAGE = __doc__
+
+
+def _stage_parser(command: str) -> argparse.ArgumentParser:
+    stage = STAGE_COMMANDS[command]
+    keys = "\n".join(describe(build_config(stage)))
+    parser = argparse.ArgumentParser(
+        prog=f"saferlhf {command}",
+        description=f"Run the {command} stage. Settings come from --config, then key=value overrides.",
+        epilog="config keys (dotted) and their defaults:\n" + keys,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="a preset YAML file, or the name of a shipped preset (tiny-cpu, ...)")
+    parser.add_argument("--resume", action="store_true", help="resume from the newest checkpoint (run.resume=true)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-5")
+    return parser
+
+
+def run_stage(command: str, argv: list[str]) -> int:
+    args = _stage_parser(command).parse_args(argv)
+    overrides = list(args.overrides) + (["run.resume=true"] if args.resume else [])
+    stage = STAGE_COMMANDS[command]
+    try:
+        cfg = build_config(stage, resolve_preset(args.config) if args.config else None, overrides)
+    except ConfigError as e:
+        print(f"saferlhf {command}: {e}", file=sys.stderr)
+        return 2
+    if stage == "sft":
+        from saferlhf.trainers.sft import train_sft as runner
+    else:
+        from saferlhf.trainers.preference import train_preference as runner
+    final = runner(cfg)
+    print(json.dumps({k: v for k, v in final.items() if isinstance(v, (int, float))}))
+    return 0
+
+
+def run_demo_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="saferlhf demo",
+                                     description="The Safe RLHF pipeline on the toy world, on CPU.")
+    parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    parser.add_argument("--preset", default="tiny-cpu", help="preset of every stage (default: tiny-cpu)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of ground-truth metrics")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every stage")
+    args = parser.parse_args(argv)
+    from saferlhf.pipeline import format_table, run_demo, summary
+
+    result = run_demo(args.out, preset=args.preset, overrides=args.overrides)
+    print(format_table(result))
+    print(f"\nreport: {result.out_dir / 'report.md'}")
+    if args.json:
+        print(json.dumps(summary(result)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command in STAGE_COMMANDS:
+        return run_stage(command, rest)
+    if command == "data":
+        if not rest or rest[0] != "check":
+            print("usage: saferlhf data check PATH --kind {preference,sft,prompt} [--json]", file=sys.stderr)
+            return 2
+        from saferlhf.data.check import main as check_main
+
+        return check_main(rest[1:])
+    if command == "demo":
+        return run_demo_command(rest)
+    print(f"saferlhf: unknown command '{command}'\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

