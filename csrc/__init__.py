@@ -2,8 +2,8 @@
 
 The C++ sources beside this file register torch operators in the ``saferlhf`` namespace:
 ``logprobs_forward``, ``logprobs_backward``, ``shape_rewards`` and ``dual_gae`` (``torch.ops.saferlhf.*``).
-They are compiled by ``torch.utils.cpp_extension.load`` the first time ``load()`` is called (about a
-minute on two cores; cached in torch's extensions directory and reused by later processes). When no
+They are compiled by ``torch.utils.cpp_extension.load`` the first time ``load()`` is called (10–30 s
+on two cores; cached in torch's extensions directory and reused by later processes). When no
 compiler is available or the build fails, ``load()`` logs why once and returns None, and
 ``saferlhf.ops`` uses the reference instead.
 
@@ -61,7 +61,9 @@ def _build() -> object:
         sources=[str(here / source) for source in _SOURCES],
         # -fopenmp turns at::parallel_for into an OpenMP region (it runs serially without it) and
         # enables the `omp simd` loops; the binary links the libgomp torch has already loaded.
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        # -ffp-contract=off: no silent FMAs, so the backward recomputes exactly the rounded z = x/τ
+        # the forward summed (a fused x·(1/τ) - m would not round z, and 1 - p would lose digits).
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,  # the library only registers torch operators
     )
@@ -102,17 +104,17 @@ class _Logprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, inplace_backward):
-        logp, lse = _require().logprobs_forward(logits, labels, temperature)  # (...), (...)
-        ctx.save_for_backward(logits, labels, lse)
+        logp, row_max, log_sum = _require().logprobs_forward(logits, labels, temperature)  # (...) each
+        ctx.save_for_backward(logits, labels, row_max, log_sum)
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
         return logp
 
     @staticmethod
     def backward(ctx, grad_logp):
-        logits, labels, lse = ctx.saved_tensors
+        logits, labels, row_max, log_sum = ctx.saved_tensors
         grad_logits = logits.detach() if ctx.inplace_backward else torch.empty_like(logits)
-        _require().logprobs_backward(grad_logp, logits, labels, lse, ctx.temperature, grad_logits)
+        _require().logprobs_backward(grad_logp, logits, labels, row_max, log_sum, ctx.temperature, grad_logits)
         return grad_logits, None, None, None
 
 

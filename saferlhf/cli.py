@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from saferlhf.config import ConfigError, build_config, describe, resolve_preset
@@ -47,7 +48,8 @@ def run_stage(command: str, argv: list[str]) -> int:
     else:
         from saferlhf.trainers.preference import train_preference as runner
     final = runner(cfg)
-    print(json.dumps({k: v for k, v in final.items() if isinstance(v, (int, float))}))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in final.items() if isinstance(v, (int, float))}))
     return 0
 
 
