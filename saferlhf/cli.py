@@ -1,6 +1,7 @@
 """``saferlhf <command>``: the command line of every stage.
 
-    saferlhf sft|rm|cm --config FILE [key=value ...]   one stage (``--help`` lists every key)
+    saferlhf sft|rm|cm|ppo-lag|ppo|ppo-rs --config FILE [key=value ...]
+                                                        one stage (``--help`` lists every key)
     saferlhf data check PATH --kind {preference,sft,prompt} [--json]
     saferlhf demo [--out DIR] [--json]                  the main job on the toy world
 """
@@ -14,7 +15,7 @@ import sys
 
 from saferlhf.config import ConfigError, build_config, describe, resolve_preset
 
-STAGE_COMMANDS = {"sft": "sft", "rm": "rm", "cm": "cm"}
+STAGE_COMMANDS = {"sft": "sft", "rm": "rm", "cm": "cm", "ppo-lag": "ppo_lag", "ppo": "ppo", "ppo-rs": "ppo_rs"}
 USAGE = __doc__
 
 
@@ -45,6 +46,8 @@ def run_stage(command: str, argv: list[str]) -> int:
         return 2
     if stage == "sft":
         from saferlhf.trainers.sft import train_sft as runner
+    elif stage in ("ppo_lag", "ppo", "ppo_rs"):
+        from saferlhf.trainers.ppo_lag import train_ppo as runner
     else:
         from saferlhf.trainers.preference import train_preference as runner
     final = runner(cfg)

@@ -1,0 +1,454 @@
+"""PPO-Lagrangian (Safe RLHF), and its baselines PPO and reward shaping, as one loop.
+
+    saferlhf ppo-lag   learned λ, reward and cost critics:   A = (A_r − λ·A_c) / (1 + λ)
+    saferlhf ppo-rs    fixed λ, one critic, end reward R − λ·C
+    saferlhf ppo       reward only, one critic (the cost model, when given, is only logged)
+
+Each step reads top to bottom: generate → score (actor/reference log-probs, reward, cost, values)
+→ make experience (KL shaping, GAE, λ update) → update epochs (actor + PTX, critics) → log and
+checkpoint. Models: actor (trained), reference (frozen actor init), reward and cost models
+(frozen), reward and cost critics (trained), each on its own DeepSpeed engine.
+
+Notation: N sequences in a rollout, P prompt tokens (left-padded), T response tokens
+(right-padded), L = P + T, V vocabulary.
+
+Token alignment: the log-prob of response token t (sequence position P + t) comes from the
+logits at position P + t − 1, and the value of the state before emitting it is the critic's score
+at the same position P + t − 1 — so both read ``[:, P-1 : L-1]``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saferlhf import distributed, ops
+from saferlhf.algorithms import (
+    LagrangeMultiplier,
+    PIDLagrangian,
+    entropy_from_logits,
+    masked_mean,
+    policy_loss,
+    sft_loss,
+    value_loss,
+)
+from saferlhf.config import Config
+from saferlhf.data.collate import PromptDataset, SFTDataset
+from saferlhf.models.hf import load_causal_lm, load_tokenizer, save_causal_lm
+from saferlhf.models.score_model import ScoreModel
+from saferlhf.rollout.base import Generation, SamplingParams
+from saferlhf.rollout.hf import HFGenerator
+from saferlhf.trainers.common import (
+    Run,
+    check_finite,
+    logger,
+    plot_metrics,
+    progress,
+    read_metrics,
+    setup_run,
+)
+from saferlhf.trainers.data import load_splits
+
+MODES = {"ppo_lag": "ppo-lag", "ppo": "ppo", "ppo_rs": "ppo-rs"}
+
+
+@dataclass
+class Experience:
+    """One step's rollout, scored. N sequences, T response tokens."""
+
+    sequences: torch.Tensor  # (N, L) prompt (left-padded) + response (right-padded)
+    attention_mask: torch.Tensor  # (N, L)
+    prompt_len: int  # P
+    mask: torch.Tensor  # (N, T) 1 on real response tokens
+    logp_old: torch.Tensor  # (N, T)
+    values_r: torch.Tensor  # (N, T)
+    values_c: torch.Tensor  # (N, T) zeros without a cost critic
+    adv: torch.Tensor  # (N, T) the advantage the actor follows
+    ret_r: torch.Tensor  # (N, T)
+    ret_c: torch.Tensor  # (N, T)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as HF generation uses them: (N, L)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature: float):
+    """Log-probs of the response tokens, (N, T), and the logits slice they came from, (N, T, V)."""
+    logits = model(input_ids=sequences, attention_mask=attention_mask,
+                   position_ids=position_ids(attention_mask)).logits
+    logits = logits[:, prompt_len - 1 : -1]  # (N, T, V)
+    return ops.logprobs(logits, sequences[:, prompt_len:], temperature), logits
+
+
+def response_values(critic, sequences, attention_mask, prompt_len: int) -> torch.Tensor:
+    out = critic(input_ids=sequences, attention_mask=attention_mask)  # positions from the mask inside
+    return out.scores[:, prompt_len - 1 : -1].float()  # (N, T)
+
+
+class Scorer:
+    """A frozen reward or cost model; re-tokenizes the text when its tokenizer differs from the actor's."""
+
+    def __init__(self, engine, tokenizer, actor_tokenizer, max_length: int, device):
+        self.engine, self.tokenizer, self.device = engine, tokenizer, device
+        self.same_tokenizer = tokenizer.get_vocab() == actor_tokenizer.get_vocab()
+        self.actor_tokenizer, self.max_length = actor_tokenizer, max_length
+
+    @torch.no_grad()
+    def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.same_tokenizer:
+            out = self.engine(input_ids=sequences.to(self.device), attention_mask=attention_mask.to(self.device))
+            return out.end_scores.float()
+        # As in the original safe-rlhf: decode with the actor's tokenizer, encode with the scorer's.
+        texts = [self.actor_tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+                 for ids, m in zip(sequences, attention_mask)]
+        enc = self.tokenizer([t + (self.tokenizer.eos_token or "") for t in texts], return_tensors="pt",
+                             padding=True, truncation=True, max_length=self.max_length, add_special_tokens=False)
+        out = self.engine(input_ids=enc.input_ids.to(self.device), attention_mask=enc.attention_mask.to(self.device))
+        return out.end_scores.float()
+
+
+def make_lagrange(cfg: Config):
+    lg = cfg.lagrange
+    if lg.method == "gradient":
+        return LagrangeMultiplier(lambda_init=lg.lambda_init, lr=lg.lr, lambda_max=lg.lambda_max,
+                                  threshold=lg.threshold, delay=lg.delay, window=lg.window)
+    if lg.method == "pid":
+        return PIDLagrangian(kp=lg.kp, ki=lg.ki, kd=lg.kd, threshold=lg.threshold, window=lg.window,
+                             lambda_max=lg.lambda_max, lambda_init=lg.lambda_init)
+    raise ValueError(f"lagrange.method must be gradient or pid, got {lg.method!r}")
+
+
+def _engine_config(cfg: Config, world: int, *, lr: float, weight_decay: float, train: bool) -> dict:
+    d, p = cfg.deepspeed, cfg.ppo
+    return distributed.ds_config(
+        micro_batch_size=p.mini_batch_size, gradient_accumulation=1, world_size=world,
+        zero_stage=d.zero_stage, offload=d.offload, bf16=d.bf16, fp16=d.fp16,
+        max_grad_norm=cfg.optim.max_grad_norm, lr=lr, betas=tuple(cfg.optim.adam_betas), eps=cfg.optim.adam_eps,
+        weight_decay=weight_decay, train=train,
+    )
+
+
+def _check_same_vocab(tok_a, name_a: str, tok_b, name_b: str) -> None:
+    if tok_a.get_vocab() != tok_b.get_vocab():
+        raise ValueError(f"tokenizer mismatch: {name_a} and {name_b} must share a vocabulary "
+                         f"({len(tok_a)} vs {len(tok_b)} tokens); critics read the actor's token ids")
+
+
+class PPOLagTrainer:
+    """Holds the engines and the loop state; the loop itself is :meth:`train`."""
+
+    def __init__(self, cfg: Config):
+        if cfg.stage not in MODES:
+            raise ValueError(f"PPO stage must be one of {list(MODES)}, got {cfg.stage!r}")
+        self.cfg, self.mode = cfg, cfg.stage
+        p = cfg.ppo
+        if not cfg.model.name_or_path:
+            raise ValueError("model.name_or_path (the actor, usually the SFT model) is required")
+        if not p.reward_model:
+            raise ValueError("ppo.reward_model is required")
+        if self.mode != "ppo" and not p.cost_model:
+            raise ValueError(f"ppo.cost_model is required for {MODES[self.mode]}")
+        self.run: Run = setup_run(cfg)
+        world, device = self.run.dist.world_size, self.run.device
+
+        actor_path = cfg.model.name_or_path
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or actor_path, padding_side="left")
+        # Critics read the actor's token ids: their tokenizers must match (checked before any engine starts).
+        self.use_cost_critic = self.mode == "ppo_lag"
+        critic_paths = {"reward": p.reward_critic or (actor_path if p.critic_init == "actor" else p.reward_model)}
+        if self.use_cost_critic:
+            critic_paths["cost"] = p.cost_critic or (actor_path if p.critic_init == "actor" else p.cost_model)
+        for name, path in critic_paths.items():
+            _check_same_vocab(self.tokenizer, f"actor ({actor_path})", load_tokenizer(path), f"{name} critic ({path})")
+
+        prompts, _ = load_splits(cfg.data, "prompt", cfg.run.seed)
+        self.prompts = PromptDataset(prompts, self.tokenizer, cfg.model.max_length,
+                                     chat_template=cfg.model.chat_template)
+        self.ptx = None
+        if cfg.data.ptx:
+            from saferlhf.data.registry import mix_datasets
+
+            ptx_rows = mix_datasets(cfg.data.ptx, "sft", seed=cfg.run.seed, strict=cfg.data.strict).rows
+            sft_tok = load_tokenizer(cfg.model.tokenizer or actor_path, padding_side="right")
+            self.ptx = SFTDataset(ptx_rows, sft_tok, cfg.model.max_length, chat_template=cfg.model.chat_template)
+        n_per_step = p.rollout_batch_size * world
+        if len(self.prompts) < n_per_step:
+            raise ValueError(f"{len(self.prompts)} prompts are fewer than one step's {n_per_step} "
+                             f"(ppo.rollout_batch_size × world size)")
+        self.total_steps = p.total_steps if cfg.run.max_steps <= 0 else min(p.total_steps, cfg.run.max_steps)
+        updates = self.total_steps * p.update_epochs * max(1, self._rollout_size() // p.mini_batch_size)
+
+        def trained(model, lr, wd):
+            return distributed.make_engine(
+                model, _engine_config(cfg, world, lr=lr, weight_decay=wd, train=True),
+                scheduler=cfg.optim.lr_scheduler, warmup_steps=int(cfg.optim.warmup_ratio * updates),
+                total_steps=updates)
+
+        def frozen(model):
+            return distributed.make_engine(model, _engine_config(cfg, world, lr=0.0, weight_decay=0.0, train=False))
+
+        load = lambda path: load_causal_lm(path, dtype=cfg.model.dtype, tokenizer=self.tokenizer,  # noqa: E731
+                                           gradient_checkpointing=cfg.model.gradient_checkpointing)
+        self.actor = trained(load(actor_path), cfg.optim.lr, cfg.optim.weight_decay)
+        self.ref = frozen(load(actor_path))
+        self.reward = Scorer(frozen(ScoreModel.from_pretrained(p.reward_model, dtype=cfg.model.dtype)),
+                             load_tokenizer(p.reward_model, padding_side="right"), self.tokenizer,
+                             cfg.model.max_length, device)
+        self.cost = None
+        if p.cost_model:
+            self.cost = Scorer(frozen(ScoreModel.from_pretrained(p.cost_model, dtype=cfg.model.dtype)),
+                               load_tokenizer(p.cost_model, padding_side="right"), self.tokenizer,
+                               cfg.model.max_length, device)
+        self.critic_r = trained(ScoreModel.from_pretrained(critic_paths["reward"], dtype=cfg.model.dtype),
+                                p.critic_lr, p.critic_weight_decay)
+        self.critic_c = None
+        if self.use_cost_critic:
+            self.critic_c = trained(ScoreModel.from_pretrained(critic_paths["cost"], dtype=cfg.model.dtype),
+                                    p.critic_lr, p.critic_weight_decay)
+        self.lagrange = make_lagrange(cfg) if self.mode == "ppo_lag" else None
+        self.generator = HFGenerator(self.actor, self.tokenizer)
+        self.sampling = SamplingParams(
+            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, repetition_penalty=cfg.rollout.repetition_penalty,
+            n=cfg.rollout.samples_per_prompt)
+        self.start_step = 1
+
+    def _rollout_size(self) -> int:
+        return self.cfg.ppo.rollout_batch_size * self.cfg.rollout.samples_per_prompt
+
+    # -- data position: a pure function of (seed, step), so resuming needs only the step ---------
+
+    def prompt_indices(self, step: int) -> list[int]:
+        """This rank's prompt indices of ``step`` (1-based): seeded epochs cut into global batches."""
+        cfg = self.cfg
+        per_step = cfg.ppo.rollout_batch_size * self.run.dist.world_size
+        steps_per_epoch = len(self.prompts) // per_step
+        epoch, offset = divmod(step - 1, steps_per_epoch)
+        order = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(cfg.run.seed + epoch))
+        chunk = order[offset * per_step : (offset + 1) * per_step].tolist()
+        r, b = self.run.dist.rank, cfg.ppo.rollout_batch_size
+        return chunk[r * b : (r + 1) * b]
+
+    def ptx_indices(self, step: int, update: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + step * 1009 + update)
+        return torch.randint(len(self.ptx), (self.cfg.ppo.mini_batch_size,), generator=g).tolist()
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        cfg, run = self.cfg, self.run
+        if cfg.run.resume:
+            self.resume()
+        bar = progress(total=self.total_steps, desc=MODES[self.mode], enabled=cfg.run.progress and run.is_main)
+        bar.update(self.start_step - 1)
+        last: dict[str, float] = {}
+        for step in range(self.start_step, self.total_steps + 1):
+            timings: dict[str, float] = {}
+            t = time.perf_counter()
+            batch = self.prompts.collate([self.prompts[i] for i in self.prompt_indices(step)])
+            gen = self.generator.generate(batch.input_ids, batch.attention_mask, self.sampling)
+            timings["generate"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            exp, stats = self.make_experience(gen, step)
+            timings["score"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            stats.update(self.update(exp, step))
+            timings["learn"] = time.perf_counter() - t
+
+            stats.update({f"time/{k}": v for k, v in timings.items()})
+            last = stats
+            run.metrics.log(step, stats)
+            bar.set_postfix(R=f"{stats['train/reward']:.2f}", C=f"{stats.get('train/cost', 0.0):.2f}",
+                            lam=f"{stats.get('train/lambda', 0.0):.2f}")
+            bar.update(1)
+            if cfg.run.save_every > 0 and step % cfg.run.save_every == 0 and step != self.total_steps:
+                self.save_checkpoint(step)
+        bar.close()
+        self.save_final()
+        if run.is_main:
+            plot_metrics(run.out_dir / "metrics.jsonl",
+                         ["train/lambda", "train/episode_cost_window", "train/reward", "train/cost", "train/kl",
+                          "train/actor_loss", "train/reward_critic_loss", "train/cost_critic_loss",
+                          "train/response_length"], run.plot_dir / f"{self.mode}.png", title=MODES[self.mode])
+        run.metrics.close()
+        return last
+
+    @torch.no_grad()
+    def make_experience(self, gen: Generation, step: int) -> tuple[Experience, dict[str, float]]:
+        """Score a rollout and turn it into advantages and returns (DESIGN.md §3)."""
+        cfg, p, device = self.cfg, self.cfg.ppo, self.run.device
+        seq = gen.sequences.to(device)  # (N, L)
+        attn = gen.attention_mask.to(device)  # (N, L)
+        mask = gen.response_mask.to(device).float()  # (N, T)
+        plen = gen.prompt_ids.shape[1]
+        temperature = cfg.rollout.temperature
+        self.actor.eval()
+        logp_old, logits = response_logprobs(self.actor, seq, attn, plen, temperature)  # (N, T), (N, T, V)
+        entropy = masked_mean(entropy_from_logits(logits, temperature), mask)
+        del logits
+        logp_ref, _ = response_logprobs(self.ref, seq, attn, plen, temperature)  # (N, T)
+        reward = self.reward(seq, attn)  # (N,)
+        cost = self.cost(seq, attn) if self.cost is not None else torch.zeros_like(reward)  # (N,)
+        check_finite("reward score", reward, step)
+        check_finite("cost score", cost, step)
+        values_r = response_values(self.critic_r, seq, attn, plen)  # (N, T)
+        values_c = (response_values(self.critic_c, seq, attn, plen) if self.critic_c is not None
+                    else torch.zeros_like(values_r))
+
+        lam = torch.zeros((), device=device)
+        stats: dict[str, float] = {}
+        if self.mode == "ppo_lag":
+            # The paper's order: update λ from this step's episode costs, then use it in the advantage.
+            episode_costs = distributed.all_gather_tensors(cost.contiguous())
+            lam_value = self.lagrange.update(episode_costs.cpu())
+            lam = torch.tensor(lam_value, device=device)
+            stats["train/lambda"] = lam_value
+            stats["train/episode_cost_window"] = self.lagrange.last_cost
+            end_reward, end_cost = reward, cost
+        elif self.mode == "ppo_rs":
+            end_reward, end_cost = reward - p.shaping_lambda * cost, torch.zeros_like(cost)
+            stats["train/lambda"] = p.shaping_lambda
+        else:
+            end_reward, end_cost = reward, torch.zeros_like(cost)
+
+        rewards, costs = ops.shape_rewards(logp_old, logp_ref, mask, end_reward, end_cost, p.kl_coeff, p.clip_score)
+        adv_r, ret_r, adv_c, ret_c, adv = ops.dual_gae(rewards, costs, values_r, values_c, mask, p.gamma,
+                                                       p.gae_lambda, lam)
+        kl = ((logp_old - logp_ref) * mask).sum(-1)  # (N,) per-sequence KL (k1 sum)
+        lengths = mask.sum(-1)  # (N,)
+        local = torch.stack([reward.mean(), cost.mean(), kl.mean(), lengths.mean(), entropy,
+                             (cost > 0).float().mean(), (lengths == 0).float().mean()])
+        keys = ["reward", "cost", "kl", "response_length", "entropy", "unsafe_rate", "empty_rate"]
+        stats.update({f"train/{k}": v for k, v in zip(keys, distributed.all_reduce_mean(local.cpu()).tolist())})
+        exp = Experience(seq, attn, plen, mask, logp_old, values_r, values_c, adv, ret_r, ret_c)
+        return exp, stats
+
+    def update(self, exp: Experience, step: int) -> dict[str, float]:
+        """PPO epochs over mini-batches: actor (+ PTX), reward critic, cost critic."""
+        cfg, p = self.cfg, self.cfg.ppo
+        n = exp.sequences.shape[0]
+        sums: dict[str, list[torch.Tensor]] = {}
+        self.actor.train()
+        self.critic_r.train()
+        if self.critic_c is not None:
+            self.critic_c.train()
+        g = torch.Generator().manual_seed(cfg.run.seed + step)
+        update = 0
+        for _ in range(p.update_epochs):
+            order = torch.randperm(n, generator=g)
+            for start in range(0, n - p.mini_batch_size + 1, p.mini_batch_size):
+                idx = order[start : start + p.mini_batch_size].to(exp.sequences.device)
+                seq, attn, mask = exp.sequences[idx], exp.attention_mask[idx], exp.mask[idx]
+                logp, _ = response_logprobs(self.actor, seq, attn, exp.prompt_len, cfg.rollout.temperature)
+                pl = policy_loss(logp, exp.logp_old[idx], exp.adv[idx], mask, p.clip_ratio)
+                loss = pl.loss
+                metrics = {"actor_loss": pl.loss.detach(), "actor_clip_fraction": pl.clip_fraction,
+                           "approx_kl": pl.approx_kl}
+                if self.ptx is not None and p.ptx_coeff > 0:
+                    ptx = self.ptx.collate([self.ptx[i] for i in self.ptx_indices(step, update)])
+                    ptx_logits = self.actor(input_ids=ptx.input_ids.to(seq.device),
+                                            attention_mask=ptx.attention_mask.to(seq.device)).logits
+                    ptx_loss = sft_loss(ptx_logits, ptx.labels.to(seq.device))
+                    loss = loss + p.ptx_coeff * ptx_loss
+                    metrics["ptx_loss"] = ptx_loss.detach()
+                check_finite("actor loss", loss.detach(), step)
+                self.actor.backward(loss)
+                self.actor.step()
+                for name, critic, values_old, returns in (
+                    ("reward_critic", self.critic_r, exp.values_r, exp.ret_r),
+                    ("cost_critic", self.critic_c, exp.values_c, exp.ret_c),
+                ):
+                    if critic is None:
+                        continue
+                    values = response_values(critic, seq, attn, exp.prompt_len)
+                    vl = value_loss(values, values_old[idx], returns[idx], mask, p.clip_value)
+                    check_finite(f"{name} loss", vl.loss.detach(), step)
+                    critic.backward(vl.loss)
+                    critic.step()
+                    metrics[f"{name}_loss"] = vl.loss.detach()
+                    metrics[f"{name}_clip_fraction"] = vl.clip_fraction
+                for key, value in metrics.items():
+                    sums.setdefault(key, []).append(value.detach().float().reshape(()))
+                update += 1
+        if not sums:
+            return {}
+        keys = sorted(sums)
+        means = torch.stack([torch.stack(sums[k]).mean() for k in keys]).cpu()
+        out = {f"train/{k}": v for k, v in zip(keys, distributed.all_reduce_mean(means).tolist())}
+        out["train/actor_lr"] = self.actor.get_lr()[0]
+        return out
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def _engines(self) -> dict:
+        engines = {"actor": self.actor, "reward_critic": self.critic_r}
+        if self.critic_c is not None:
+            engines["cost_critic"] = self.critic_c
+        return engines
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Engines (weights, optimizer, scheduler), λ, RNG and step, written atomically."""
+        run = self.run
+        final = run.checkpoint_dir / f"step-{step}"
+        tmp = run.checkpoint_dir / f".tmp-step-{step}"
+        if run.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        distributed.barrier()
+        for name, engine in self._engines().items():
+            engine.save_checkpoint(str(tmp / name), tag="state")
+        state = {
+            "step": step,
+            "lagrange": self.lagrange.state_dict() if self.lagrange is not None else None,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+        }
+        torch.save(state, tmp / f"trainer_state_rank{run.dist.rank}.pt")
+        distributed.barrier()
+        if run.is_main:
+            os.replace(tmp, final)  # the checkpoint appears whole or not at all
+            steps = sorted(run.checkpoint_dir.glob("step-*"), key=lambda d: int(d.name.split("-")[1]))
+            for old in steps[: max(0, len(steps) - self.cfg.run.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
+        return final
+
+    def resume(self) -> None:
+        run = self.run
+        steps = sorted(run.checkpoint_dir.glob("step-*"), key=lambda d: int(d.name.split("-")[1]))
+        if not steps:
+            logger.info("resume: no checkpoint in %s, starting from step 1", run.checkpoint_dir)
+            return
+        ckpt = steps[-1]
+        for name, engine in self._engines().items():
+            engine.load_checkpoint(str(ckpt / name), tag="state")
+        state = torch.load(ckpt / f"trainer_state_rank{run.dist.rank}.pt", weights_only=False)
+        if self.lagrange is not None:
+            self.lagrange.load_state_dict(state["lagrange"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.start_step = state["step"] + 1
+        if run.is_main:  # drop metrics of steps after the checkpoint (they are recomputed)
+            rows = [r for r in read_metrics(run.out_dir / "metrics.jsonl") if r["step"] <= state["step"]]
+            with open(run.out_dir / "metrics.jsonl", "w") as fh:
+                fh.writelines(__import__("json").dumps(r) + "\n" for r in rows)
+        logger.info("resumed from %s at step %d", ckpt, self.start_step)
+
+    def save_final(self) -> None:
+        state = distributed.full_state_dict(self.actor)
+        if self.run.is_main:
+            save_causal_lm(distributed.unwrap(self.actor), self.run.out_dir / "model", self.tokenizer, state_dict=state)
+        distributed.barrier()
+
+
+def train_ppo(cfg: Config) -> dict[str, float]:
+    return PPOLagTrainer(cfg).train()
