@@ -19,6 +19,7 @@ at the same position P + t − 1 — so both read ``[:, P-1 : L-1]``.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -51,6 +52,7 @@ from saferlhf.trainers.common import (
     logger,
     plot_metrics,
     progress,
+    prune_checkpoints,
     read_metrics,
     setup_run,
 )
@@ -415,9 +417,7 @@ class PPOLagTrainer:
         distributed.barrier()
         if run.is_main:
             os.replace(tmp, final)  # the checkpoint appears whole or not at all
-            steps = sorted(run.checkpoint_dir.glob("step-*"), key=lambda d: int(d.name.split("-")[1]))
-            for old in steps[: max(0, len(steps) - self.cfg.run.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(run.checkpoint_dir, self.cfg.run.keep_checkpoints)
         distributed.barrier()
         return final
 
@@ -440,7 +440,7 @@ class PPOLagTrainer:
         if run.is_main:  # drop metrics of steps after the checkpoint (they are recomputed)
             rows = [r for r in read_metrics(run.out_dir / "metrics.jsonl") if r["step"] <= state["step"]]
             with open(run.out_dir / "metrics.jsonl", "w") as fh:
-                fh.writelines(__import__("json").dumps(r) + "\n" for r in rows)
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
         logger.info("resumed from %s at step %d", ckpt, self.start_step)
 
     def save_final(self) -> None:
