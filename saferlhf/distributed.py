@@ -91,15 +91,6 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def all_gather_tensors(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D tensor of equal length from every rank (rank order)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
 def all_gather_objects(obj: Any) -> list[Any]:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]

@@ -311,8 +311,8 @@ class PPOLagTrainer:
         stats: dict[str, float] = {}
         if self.mode == "ppo_lag":
             # The paper's order: update λ from this step's episode costs, then use it in the advantage.
-            episode_costs = distributed.all_gather_tensors(cost.contiguous())
-            lam_value = self.lagrange.update(episode_costs.cpu())
+            # A collective: each rank adds its own episodes to its window; J_C pools all ranks' windows.
+            lam_value = self.lagrange.update(cost.cpu())
             lam = torch.tensor(lam_value, device=device)
             stats["train/lambda"] = lam_value
             stats["train/episode_cost_window"] = self.lagrange.last_cost
