@@ -6,6 +6,7 @@ import functools
 
 import pytest
 import torch
+from kernel_inputs import padding_mask
 
 from saferlhf.algorithms import dual_gae
 
@@ -23,22 +24,6 @@ def fused(request):
     return functools.partial(triton_impl.dual_gae, method=method), triton_impl.device
 
 
-def _mask(batch: int, length: int) -> torch.Tensor:
-    """Rows: right-padded, left-padded, fully masked, a gap inside, full; repeated."""
-    mask = torch.ones(batch, length, dtype=torch.bool)
-    for row in range(batch):
-        kind = row % 5
-        if kind == 0:
-            mask[row, length * 2 // 3 :] = False
-        elif kind == 1:
-            mask[row, : length // 3] = False
-        elif kind == 2:
-            mask[row] = False
-        elif kind == 3:
-            mask[row, length // 4 : length // 2] = False
-    return mask
-
-
 def _inputs(batch, length, device, constraints=None, seed=0):
     """rewards, costs, values_r, values_c, mask; costs and values_c get a leading K if given."""
     generator = torch.Generator().manual_seed(seed)
@@ -47,7 +32,7 @@ def _inputs(batch, length, device, constraints=None, seed=0):
     costs = torch.randn(*cost_shape, generator=generator)
     values_r = torch.randn(batch, length, generator=generator) * 3
     values_c = torch.randn(*cost_shape, generator=generator) * 3
-    mask = _mask(batch, length)
+    mask = padding_mask(batch, length)
     # Masked positions may hold anything: they are skipped.
     rewards[~mask] = float("nan")
     values_r[~mask] = float("inf")

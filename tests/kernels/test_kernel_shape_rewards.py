@@ -4,29 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_inputs import padding_mask
 
 from saferlhf.algorithms import shape_rewards
 
 pytest_plugins = ["kernel_fixtures"]  # the fixtures native, triton_impl, impl, three_way
-
-
-def _mask(batch: int, length: int) -> torch.Tensor:
-    """Rows: right-padded, left-padded, fully masked, a gap inside, full, a single token; repeated."""
-    mask = torch.ones(batch, length, dtype=torch.bool)
-    for row in range(batch):
-        kind = row % 6
-        if kind == 0:
-            mask[row, length * 2 // 3 :] = False
-        elif kind == 1:
-            mask[row, : length // 3] = False
-        elif kind == 2:
-            mask[row] = False
-        elif kind == 3:
-            mask[row, length // 4 : length // 2] = False
-        elif kind == 5:
-            mask[row, :] = False
-            mask[row, length // 2] = True
-    return mask
 
 
 def _inputs(batch, length, dtype, device, seed=0):
@@ -35,7 +17,7 @@ def _inputs(batch, length, dtype, device, seed=0):
     logp_ref = -torch.rand(batch, length, generator=generator, dtype=torch.float64) * 6
     reward = torch.randn(batch, generator=generator, dtype=torch.float64) * 8
     cost = torch.randn(batch, generator=generator, dtype=torch.float64) * 8
-    mask = _mask(batch, length)
+    mask = padding_mask(batch, length, single_token=True)
     # Padding log-probs may be anything, nan and inf included: they must never reach an output.
     logp_old[~mask] = float("nan")
     logp_ref[~mask] = float("-inf")
