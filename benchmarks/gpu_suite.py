@@ -2,7 +2,7 @@
 
 Usage (needs only torch and triton; saferlhf need not be installed):
 
-    python benchmarks/gpu_suite.py            # prints a table, then one JSON line
+    python benchmarks/gpu_suite.py [--json FILE]   # prints tables, then one JSON line
 
 What it measures (issue 4 targets, H100):
 - the device-to-device copy bandwidth (read + write bytes / time): the roofline for the rest;
@@ -12,7 +12,10 @@ What it measures (issue 4 targets, H100):
   autograd): speed-up (target ≥ 3×) and peak extra memory in units of the logits (target ≤ 1.1),
   out of place and with ``inplace_backward``;
 - ``shape_rewards`` and ``dual_gae`` (scan and loop) at B = 64, T = 1024 against the references
-  (target for dual_gae ≥ 100×).
+  (target for dual_gae ≥ 100×);
+- then one PPO-Lagrangian step of a ~0.5B Llama with a 128k vocabulary, phase by phase, the
+  reference ops against the fused ones (``benchmarks/bench_step.py --model gpu``; skip with
+  ``--no-step``).
 Before timing, every kernel is checked against its reference three ways (kernel, reference in the
 same dtype, reference in float64: err(kernel) ≤ 2·err(reference) + a few roundings).
 
@@ -23,7 +26,6 @@ in the Triton interpreter (timings there mean nothing; peak memory is CUDA-only)
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -33,27 +35,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _import_project():
-    """(algorithms, kernels) modules, from the installed package or straight from this checkout.
+    """(algorithms, dual_gae, logprobs, shape_rewards) modules, installed or from this checkout."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from checkout import import_saferlhf
 
-    Installed, ``saferlhf.kernels`` maps to the top-level ``kernels/`` directory; from a bare
-    checkout the same mapping is made here, so the suite runs where only torch and triton are.
-    """
-    if importlib.util.find_spec("saferlhf") is None:
-        sys.path.insert(0, str(ROOT))
-    import saferlhf
-
-    if "saferlhf.kernels" not in sys.modules and importlib.util.find_spec("saferlhf.kernels") is None:
-        spec = importlib.util.spec_from_file_location(
-            "saferlhf.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-        )
-        package = importlib.util.module_from_spec(spec)
-        sys.modules["saferlhf.kernels"] = package
-        spec.loader.exec_module(package)
-        saferlhf.kernels = package
+    import_saferlhf()
     from saferlhf.kernels import dual_gae, logprobs, shape_rewards
 
     from saferlhf import algorithms
@@ -351,11 +339,24 @@ def format_table(summary: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_args()
+    parser.add_argument("--json", type=Path, default=None, help="also write the summary to this file")
+    parser.add_argument("--no-step", action="store_true", help="skip the PPO step benchmark (bench_step.py)")
+    args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_suite needs a CUDA device")
     summary = run(torch.device("cuda"), FULL)
-    print(format_table(summary))
+    print(format_table(summary), flush=True)
+    if args.json is not None:  # the kernel results are kept even if the step benchmark fails
+        args.json.write_text(json.dumps(summary) + "\n")
+    if not args.no_step:
+        import bench_step
+
+        step = bench_step.measure("gpu", "cuda")
+        print(bench_step.format_table(step))
+        summary["step"] = step
+        summary["seconds"] += step["seconds"]
+        if args.json is not None:
+            args.json.write_text(json.dumps(summary) + "\n")
     print(json.dumps(summary))
 
 

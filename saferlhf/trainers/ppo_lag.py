@@ -34,8 +34,6 @@ from saferlhf import distributed, ops
 from saferlhf.algorithms import (
     LagrangeMultiplier,
     PIDLagrangian,
-    entropy_from_logits,
-    masked_mean,
     policy_loss,
     sft_loss,
     value_loss,
@@ -57,6 +55,7 @@ from saferlhf.trainers.common import (
     setup_run,
 )
 from saferlhf.trainers.data import load_splits
+from saferlhf.trainers.passes import mean_entropy, response_logprobs, response_values
 
 MODES = {"ppo_lag": "ppo-lag", "ppo": "ppo", "ppo_rs": "ppo-rs"}
 
@@ -75,24 +74,6 @@ class Experience:
     adv: torch.Tensor  # (N, T) the advantage the actor follows
     ret_r: torch.Tensor  # (N, T)
     ret_c: torch.Tensor  # (N, T)
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, as HF generation uses them: (N, L)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature: float):
-    """Log-probs of the response tokens, (N, T), and the logits slice they came from, (N, T, V)."""
-    logits = model(input_ids=sequences, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask)).logits
-    logits = logits[:, prompt_len - 1 : -1]  # (N, T, V)
-    return ops.logprobs(logits, sequences[:, prompt_len:], temperature), logits
-
-
-def response_values(critic, sequences, attention_mask, prompt_len: int) -> torch.Tensor:
-    out = critic(input_ids=sequences, attention_mask=attention_mask)  # positions from the mask inside
-    return out.scores[:, prompt_len - 1 : -1].float()  # (N, T)
 
 
 class Scorer:
@@ -296,7 +277,7 @@ class PPOLagTrainer:
         temperature = cfg.rollout.temperature
         self.actor.eval()
         logp_old, logits = response_logprobs(self.actor, seq, attn, plen, temperature)  # (N, T), (N, T, V)
-        entropy = masked_mean(entropy_from_logits(logits, temperature), mask)
+        entropy = mean_entropy(logits, mask, temperature)
         del logits
         logp_ref, _ = response_logprobs(self.ref, seq, attn, plen, temperature)  # (N, T)
         reward = self.reward(seq, attn)  # (N,)

@@ -1,0 +1,332 @@
+"""One PPO-Lagrangian step, phase by phase: the original design's ops (baseline) against the fused ops.
+
+Usage:
+
+    python benchmarks/bench_step.py                 # tiny Llama on this machine's device
+    python benchmarks/bench_step.py --model gpu     # ~0.5B Llama, 128k vocabulary (needs a GPU)
+
+Both configurations run on the same models (restored to the same weights before each), the same
+prompts and the same rollout, one after the other in one process:
+
+- ``baseline``: the reference ops (``SAFERLHF_OPS=reference``) — log-probs from float32-upcast
+  logits through ``log_softmax`` and ``gather``, and the per-token Python GAE loop, as the original
+  safe-rlhf code computes them;
+- ``saferlhf``: the dispatcher's default — fused Triton kernels on CUDA, native C++ ops on CPU.
+
+Generation (HF ``generate`` on the actor, the ``hf`` rollout backend) is the same for both and runs
+once. Phases, each timed after a warm-up step (Triton compiles on its first call):
+
+- ``score``: actor and reference log-prob passes, reward and cost end scores, both critics' values;
+- ``experience``: KL shaping and both GAEs (``shape_rewards`` + ``dual_gae``);
+- ``actor``: PPO update of the actor over the mini-batches (forward, clipped loss, backward, AdamW);
+- ``critics``: the same for the reward and cost critics.
+
+Peak memory is measured (CUDA) for the actor's log-prob pass of the score phase and for one actor
+mini-batch update, beyond what was allocated before it. The models use plain torch (no DeepSpeed),
+so the script runs wherever torch, triton and transformers are installed. Prints a table and one
+JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkout import import_saferlhf  # noqa: E402
+
+import_saferlhf()
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from saferlhf import ops  # noqa: E402
+from saferlhf.algorithms import policy_loss, value_loss  # noqa: E402
+from saferlhf.models.score_model import ScoreModel  # noqa: E402
+from saferlhf.trainers.passes import mean_entropy, response_logprobs, response_values  # noqa: E402
+
+PHASES = ("score", "experience", "actor", "critics")
+
+# Llama shapes. "gpu": 16 layers of width 1024 with the 128,256-token vocabulary of Llama 3 (~0.5B
+# parameters, half of them the embedding and LM head): the vocabulary dominates the log-prob passes.
+MODELS = {
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "20m": dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                num_attention_heads=6, num_key_value_heads=6),
+    "gpu": dict(vocab_size=128256, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
+                num_attention_heads=16, num_key_value_heads=8),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """The rollout and update sizes of the step."""
+
+    rollout: int = 8  # N sequences
+    prompt_len: int = 16  # P
+    response_len: int = 16  # T (generation runs to exactly T tokens)
+    mini_batch: int = 4
+    temperature: float = 1.0
+    kl_coeff: float = 0.1
+    clip_score: float = 5.0
+    lagrange_lambda: float = 1.0
+
+
+SHAPES = {
+    "tiny": StepShape(),
+    "20m": StepShape(rollout=16, prompt_len=32, response_len=64, mini_batch=8),
+    "gpu": StepShape(rollout=32, prompt_len=128, response_len=512, mini_batch=8),
+}
+
+
+@contextlib.contextmanager
+def ops_backend(name: str | None):
+    """SAFERLHF_OPS set to ``name`` (None: the dispatcher's default) for the duration."""
+    old = os.environ.pop("SAFERLHF_OPS", None)
+    if name is not None:
+        os.environ["SAFERLHF_OPS"] = name
+    try:
+        yield
+    finally:
+        os.environ.pop("SAFERLHF_OPS", None)
+        if old is not None:
+            os.environ["SAFERLHF_OPS"] = old
+
+
+class Clock:
+    """Wall time of a region, the device queue drained at both ends."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # host-device sync: the region's work is done
+
+    @contextlib.contextmanager
+    def region(self, out: dict, key: str):
+        self.sync()
+        begin = time.perf_counter()
+        yield
+        self.sync()
+        out[key] = out.get(key, 0.0) + time.perf_counter() - begin
+
+
+@contextlib.contextmanager
+def peak_extra(device: torch.device, out: dict, key: str):
+    """Records in ``out[key]`` the peak bytes allocated in the region beyond those before it (CUDA only)."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    yield
+    torch.cuda.synchronize(device)
+    out[key] = torch.cuda.max_memory_allocated(device) - before
+
+
+class Models:
+    """Actor, reference, reward, cost and the two critics, all of one Llama shape, on one device."""
+
+    def __init__(self, model: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+        config = LlamaConfig(max_position_embeddings=2048, tie_word_embeddings=False, **MODELS[model])
+        self.config = config
+        torch.manual_seed(seed)
+        with torch.device(device):
+            self.actor = LlamaForCausalLM(config).to(dtype)
+            self.reward = ScoreModel.from_config(config, kind="reward", dtype=dtype)
+            self.cost = ScoreModel.from_config(config, kind="cost", dtype=dtype)
+        self.ref = copy.deepcopy(self.actor).eval().requires_grad_(False)
+        self.reward.eval().requires_grad_(False)
+        self.cost.eval().requires_grad_(False)
+        self.critic_r = copy.deepcopy(self.reward).requires_grad_(True)
+        self.critic_c = copy.deepcopy(self.cost).requires_grad_(True)
+        self.trained = {"actor": self.actor, "critic_r": self.critic_r, "critic_c": self.critic_c}
+        self.initial = {name: copy.deepcopy(m.state_dict()) for name, m in self.trained.items()}
+        fused = device.type == "cuda"
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.reset()
+        self.parameters = sum(p.numel() for p in self.actor.parameters())
+        self._fused = fused
+
+    def reset(self) -> None:
+        """Trained models back to their initial weights, with fresh AdamW states."""
+        for name, module in self.trained.items():
+            module.load_state_dict(self.initial[name])
+            module.train()
+            fused = next(module.parameters()).device.type == "cuda"
+            self.optimizers[name] = torch.optim.AdamW(module.parameters(), lr=1e-6, fused=fused or None)
+
+
+def rollout(models: Models, shape: StepShape, device: torch.device, seed: int = 0) -> dict:
+    """Random left-padded prompts and HF-sampled responses of exactly T tokens: (N, P + T)."""
+    generator = torch.Generator().manual_seed(seed)
+    n, p, t = shape.rollout, shape.prompt_len, shape.response_len
+    vocab = models.config.vocab_size
+    prompt = torch.randint(3, vocab, (n, p), generator=generator)
+    prompt_mask = torch.ones(n, p, dtype=torch.long)
+    pad = torch.randint(0, p // 2, (n,), generator=generator)  # left padding of each prompt
+    for row, k in enumerate(pad.tolist()):
+        prompt_mask[row, :k] = 0
+        prompt[row, :k] = 0
+    models.actor.eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = models.actor.generate(
+            input_ids=prompt.to(device), attention_mask=prompt_mask.to(device), do_sample=True,
+            temperature=shape.temperature, max_new_tokens=t, min_new_tokens=t, eos_token_id=None,
+            pad_token_id=0, use_cache=True,
+        )
+    models.actor.train()
+    attention_mask = torch.cat([prompt_mask.to(device), torch.ones(n, t, dtype=torch.long, device=device)], dim=1)
+    mask = torch.ones(n, t, device=device)
+    mask[0::3, t * 3 // 4 :] = 0  # some responses end early (their tail is padding)
+    attention_mask[:, p:] = mask.long()
+    return {"sequences": out, "attention_mask": attention_mask, "mask": mask, "prompt_len": p}
+
+
+def one_step(models: Models, batch: dict, shape: StepShape, clock: Clock, device: torch.device) -> dict:
+    """Score, make experience, update actor and critics once; returns seconds per phase, peaks, losses."""
+    out: dict = {}
+    seq, attn, mask, plen = batch["sequences"], batch["attention_mask"], batch["mask"], batch["prompt_len"]
+    with clock.region(out, "score"), torch.no_grad():
+        models.actor.eval()
+        with peak_extra(device, out, "peak_actor_logprob_pass"):
+            logp_old, logits = response_logprobs(models.actor, seq, attn, plen, shape.temperature)
+            del logits
+        logp_ref, logits = response_logprobs(models.ref, seq, attn, plen, shape.temperature)
+        out["entropy"] = mean_entropy(logits, mask, shape.temperature).item()
+        del logits
+        reward = models.reward(seq, attn).end_scores.float()
+        cost = models.cost(seq, attn).end_scores.float()
+        models.critic_r.eval()
+        models.critic_c.eval()
+        values_r = response_values(models.critic_r, seq, attn, plen)
+        values_c = response_values(models.critic_c, seq, attn, plen)
+    with clock.region(out, "experience"):
+        rewards, costs = ops.shape_rewards(logp_old, logp_ref, mask, reward, cost, shape.kl_coeff, shape.clip_score)
+        lam = torch.tensor(shape.lagrange_lambda, device=device)
+        _, ret_r, _, ret_c, adv = ops.dual_gae(rewards, costs, values_r, values_c, mask, 1.0, 0.95, lam)
+    losses: dict[str, list[float]] = {"actor": [], "critic_r": [], "critic_c": []}
+    for module in models.trained.values():
+        module.train()
+    batches = [slice(i, i + shape.mini_batch) for i in range(0, seq.shape[0], shape.mini_batch)]
+    for k, rows in enumerate(batches):
+        with clock.region(out, "actor"):
+            region = peak_extra(device, out, "peak_actor_update") if k == 0 else contextlib.nullcontext()
+            with region:
+                logp, _ = response_logprobs(models.actor, seq[rows], attn[rows], plen, shape.temperature)
+                loss = policy_loss(logp, logp_old[rows], adv[rows], mask[rows], 0.2).loss
+                loss.backward()
+                models.optimizers["actor"].step()
+                models.optimizers["actor"].zero_grad(set_to_none=True)
+            losses["actor"].append(loss.item())
+        with clock.region(out, "critics"):
+            for name, old, returns in (("critic_r", values_r, ret_r), ("critic_c", values_c, ret_c)):
+                values = response_values(models.trained[name], seq[rows], attn[rows], plen)
+                loss = value_loss(values, old[rows], returns[rows], mask[rows], 0.2).loss
+                loss.backward()
+                models.optimizers[name].step()
+                models.optimizers[name].zero_grad(set_to_none=True)
+                losses[name].append(loss.item())
+    out["losses"] = losses
+    out["logp_old_mean"] = (logp_old * mask).sum().item() / mask.sum().item()
+    return out
+
+
+def measure(model: str = "tiny", device: str | None = None, steps: int = 2, fused: str | None = None) -> dict:
+    """Both configurations on one set of models; ``steps`` steps each, the first a warm-up.
+
+    ``fused`` forces the backend of the saferlhf configuration (SAFERLHF_OPS); None: the default.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    shape = SHAPES[model]
+    clock = Clock(dev)
+    begin = time.perf_counter()
+    models = Models(model, dev, dtype)
+    gen_out: dict = {}
+    with clock.region(gen_out, "generate"):
+        batch = rollout(models, shape, dev)
+    tokens = shape.rollout * shape.response_len
+    result: dict = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "model": model,
+        "parameters": models.parameters,
+        "dtype": str(dtype)[6:],
+        "shape": asdict(shape),
+        "generate_s": gen_out["generate"],
+        "generate_tokens_per_s": tokens / gen_out["generate"],
+        "configs": {},
+    }
+    for config, backend in (("baseline", "reference"), ("saferlhf", fused)):
+        models.reset()
+        runs = []
+        with ops_backend(backend):
+            result["configs"][config] = {"ops": ops.backend_for(batch["mask"])}
+            for _ in range(steps):
+                runs.append(one_step(models, batch, shape, clock, dev))
+        measured = runs[-1]  # after the warm-up
+        summary = result["configs"][config]
+        summary.update({f"{phase}_s": measured[phase] for phase in PHASES})
+        summary["training_s"] = sum(measured[phase] for phase in PHASES)
+        summary["tokens_per_s"] = tokens / (summary["training_s"] + result["generate_s"])
+        for key in ("peak_actor_logprob_pass", "peak_actor_update"):
+            if key in measured:
+                summary[f"{key}_gb"] = measured[key] / 1e9
+        summary["first_step_losses"] = {name: values[0] for name, values in runs[0]["losses"].items()}
+        summary["logp_old_mean"] = runs[0]["logp_old_mean"]
+        summary["entropy"] = runs[0]["entropy"]
+    base, fast = result["configs"]["baseline"], result["configs"]["saferlhf"]
+    result["speedup"] = {phase: base[f"{phase}_s"] / fast[f"{phase}_s"] for phase in (*PHASES, "training")}
+    result["speedup"]["step"] = fast["tokens_per_s"] / base["tokens_per_s"]
+    if "peak_actor_logprob_pass_gb" in base:
+        result["memory_ratio"] = {key: base[f"{key}_gb"] / fast[f"{key}_gb"]
+                                  for key in ("peak_actor_logprob_pass", "peak_actor_update")}
+    result["seconds"] = time.perf_counter() - begin
+    return result
+
+
+def format_table(result: dict) -> str:
+    base, fast = result["configs"]["baseline"], result["configs"]["saferlhf"]
+    lines = [f"{result['model']} Llama, {result['parameters'] / 1e6:.1f}M parameters, {result['dtype']}, "
+             f"{result['device']}; rollout {result['shape']['rollout']} × (P={result['shape']['prompt_len']} + "
+             f"T={result['shape']['response_len']}); generate (hf, shared) {result['generate_s']:.2f} s",
+             f"{'phase':<12}{'baseline (' + base['ops'] + ')':>22}{'saferlhf (' + fast['ops'] + ')':>22}{'ratio':>9}"]
+    for phase in (*PHASES, "training"):
+        lines.append(f"{phase:<12}{base[phase + '_s'] * 1e3:>19.1f} ms{fast[phase + '_s'] * 1e3:>19.1f} ms"
+                     f"{result['speedup'][phase]:>8.2f}×")
+    lines.append(f"{'step tok/s':<12}{base['tokens_per_s']:>22.1f}{fast['tokens_per_s']:>22.1f}"
+                 f"{result['speedup']['step']:>8.2f}×")
+    for key in ("peak_actor_logprob_pass", "peak_actor_update"):
+        if f"{key}_gb" in base:
+            lines.append(f"{key:<12}{base[key + '_gb']:>19.2f} GB{fast[key + '_gb']:>19.2f} GB"
+                         f"{result['memory_ratio'][key]:>8.2f}×")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--steps", type=int, default=2, help="steps per configuration, the first a warm-up")
+    parser.add_argument("--fused", choices=("native", "triton"), default=None,
+                        help="backend of the saferlhf configuration (default: triton on CUDA, native on CPU)")
+    args = parser.parse_args()
+    result = measure(args.model, args.device, args.steps, args.fused)
+    print(format_table(result))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
