@@ -14,7 +14,7 @@ prompts and the same rollout, one after the other in one process:
 - ``saferlhf``: the dispatcher's default — fused Triton kernels on CUDA, native C++ ops on CPU.
 
 Generation (HF ``generate`` on the actor, the ``hf`` rollout backend) is the same for both and runs
-once. Phases, each timed after a warm-up step (Triton compiles on its first call):
+once. The configurations alternate over rounds (see ``measure``); phases, timed after a warm-up step:
 
 - ``score``: actor and reference log-prob passes, reward and cost end scores, both critics' values;
 - ``experience``: KL shaping and both GAEs (``shape_rewards`` + ``dual_gae``);
@@ -34,6 +34,7 @@ import contextlib
 import copy
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -244,10 +245,15 @@ def one_step(models: Models, batch: dict, shape: StepShape, clock: Clock, device
     return out
 
 
-def measure(model: str = "tiny", device: str | None = None, steps: int = 2, fused: str | None = None) -> dict:
-    """Both configurations on one set of models; ``steps`` steps each, the first a warm-up.
+def measure(model: str = "tiny", device: str | None = None, steps: int = 2, fused: str | None = None,
+            rounds: int = 2) -> dict:
+    """Both configurations on one set of models, in ``rounds`` alternating rounds.
 
-    ``fused`` forces the backend of the saferlhf configuration (SAFERLHF_OPS); None: the default.
+    Each round runs, per configuration: weights and optimizers reset, one warm-up step (Triton
+    compiles on its first call), then ``steps`` timed steps. Each phase's figure is the median over
+    all timed steps of its configuration; alternating the configurations spreads any drift of the
+    machine (clocks, allocator state) over both. ``fused`` forces the backend of the saferlhf
+    configuration (SAFERLHF_OPS); None: the dispatcher's default.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -265,28 +271,36 @@ def measure(model: str = "tiny", device: str | None = None, steps: int = 2, fuse
         "parameters": models.parameters,
         "dtype": str(dtype)[6:],
         "shape": asdict(shape),
+        "rounds": rounds,
+        "timed_steps_per_round": steps,
         "generate_s": gen_out["generate"],
         "generate_tokens_per_s": tokens / gen_out["generate"],
         "configs": {},
     }
-    for config, backend in (("baseline", "reference"), ("saferlhf", fused)):
-        models.reset()
-        runs = []
-        with ops_backend(backend):
-            result["configs"][config] = {"ops": ops.backend_for(batch["mask"])}
-            for _ in range(steps):
-                runs.append(one_step(models, batch, shape, clock, dev))
-        measured = runs[-1]  # after the warm-up
-        summary = result["configs"][config]
-        summary.update({f"{phase}_s": measured[phase] for phase in PHASES})
-        summary["training_s"] = sum(measured[phase] for phase in PHASES)
+    configs = {"baseline": "reference", "saferlhf": fused}
+    warmups: dict[str, dict] = {}
+    timed: dict[str, list[dict]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for config, backend in configs.items():
+            models.reset()
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            with ops_backend(backend):
+                result["configs"].setdefault(config, {"ops": ops.backend_for(batch["mask"])})
+                warmups.setdefault(config, one_step(models, batch, shape, clock, dev))
+                timed[config] += [one_step(models, batch, shape, clock, dev) for _ in range(steps)]
+    for config in configs:
+        summary, runs, first = result["configs"][config], timed[config], warmups[config]
+        summary.update({f"{phase}_s": statistics.median(run[phase] for run in runs) for phase in PHASES})
+        summary["training_s"] = sum(summary[f"{phase}_s"] for phase in PHASES)
         summary["tokens_per_s"] = tokens / (summary["training_s"] + result["generate_s"])
         for key in ("peak_actor_logprob_pass", "peak_actor_update"):
-            if key in measured:
-                summary[f"{key}_gb"] = measured[key] / 1e9
-        summary["first_step_losses"] = {name: values[0] for name, values in runs[0]["losses"].items()}
-        summary["logp_old_mean"] = runs[0]["logp_old_mean"]
-        summary["entropy"] = runs[0]["entropy"]
+            if key in runs[-1]:
+                summary[f"{key}_gb"] = max(run[key] for run in runs) / 1e9
+        # Values of the first (warm-up) step: both configurations start from the same weights.
+        summary["first_step_losses"] = {name: values[0] for name, values in first["losses"].items()}
+        summary["logp_old_mean"] = first["logp_old_mean"]
+        summary["entropy"] = first["entropy"]
     base, fast = result["configs"]["baseline"], result["configs"]["saferlhf"]
     result["speedup"] = {phase: base[f"{phase}_s"] / fast[f"{phase}_s"] for phase in (*PHASES, "training")}
     result["speedup"]["step"] = fast["tokens_per_s"] / base["tokens_per_s"]
@@ -319,11 +333,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--steps", type=int, default=2, help="steps per configuration, the first a warm-up")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration and round")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of both configurations")
     parser.add_argument("--fused", choices=("native", "triton"), default=None,
                         help="backend of the saferlhf configuration (default: triton on CUDA, native on CPU)")
     args = parser.parse_args()
-    result = measure(args.model, args.device, args.steps, args.fused)
+    result = measure(args.model, args.device, args.steps, args.fused, args.rounds)
     print(format_table(result))
     print(json.dumps(result))
 

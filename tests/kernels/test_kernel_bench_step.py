@@ -38,7 +38,7 @@ def test_baseline_and_fused_compute_the_same_step(bench_step, fused):
     if fused == "triton":
         pytest.importorskip("triton")
     device = "cuda" if fused == "triton" and torch.cuda.is_available() else "cpu"
-    result = bench_step.measure("tiny", device, steps=1, fused=fused)
+    result = bench_step.measure("tiny", device, steps=1, fused=fused, rounds=2)
     base, fast = result["configs"]["baseline"], result["configs"]["saferlhf"]
     assert (base["ops"], fast["ops"]) == ("reference", fused)
     assert fast["logp_old_mean"] == pytest.approx(base["logp_old_mean"], rel=1e-5)
