@@ -115,11 +115,13 @@ void check_logits(const at::Tensor& logits, const at::Tensor& labels) {
               "labels must have the shape of logits without its last dimension");
 }
 
-// Row i's label, bounds-checked: a wrong id would read outside the row.
-inline int64_t label_at(const int64_t* labels, int64_t row, int64_t vocab) {
-  const int64_t label = labels[row];
-  TORCH_CHECK(label >= 0 && label < vocab, "label ", label, " out of range [0, ", vocab, ")");
-  return label;
+// Every label in [0, V): a wrong id would read outside its row. Checked once, before any parallel
+// region, so that no error is ever raised from inside one.
+void check_labels(const at::Tensor& labels_c, int64_t vocab) {
+  const int64_t* ids = labels_c.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < labels_c.numel(); ++i) {
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < vocab, "label ", ids[i], " at row ", i, " out of range [0, ", vocab, ")");
+  }
 }
 
 template <typename scalar_t>
@@ -132,7 +134,7 @@ void forward_rows(const scalar_t* logits, const std::vector<int64_t>& offsets, c
     float* z = chunk.data();
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* x = logits + offsets[row];
-      const int64_t label = label_at(labels, row, vocab);
+      const int64_t label = labels[row];
       float running_max = -std::numeric_limits<float>::infinity();
       float running_sum = 0.0f;  // Σ exp(z - running_max) over the chunks seen so far
       for (int64_t start = 0; start < vocab; start += kChunk) {
@@ -177,7 +179,7 @@ void backward_rows(const float* grad_logp, const scalar_t* logits, const std::ve
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* x = logits + offsets[row];
       scalar_t* dx = grad_logits + grad_offsets[row];  // may be x itself (in-place backward)
-      const int64_t label = label_at(labels, row, vocab);
+      const int64_t label = labels[row];
       const float scale = grad_logp[row] * inv_temp;
       const float m = row_max[row];
       const float s = log_sum[row];
@@ -219,6 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_forward(const at::Tensor
   check_logits(logits, labels);
   TORCH_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
   const auto labels_c = labels.contiguous();
+  check_labels(labels_c, logits.size(-1));
   const auto options = logits.options().dtype(at::kFloat);
   auto logp = at::empty(labels.sizes(), options);
   auto row_max = at::empty(labels.sizes(), options);
@@ -251,6 +254,7 @@ void logprobs_backward(const at::Tensor& grad_logp, const at::Tensor& logits, co
   const auto row_max_c = row_max.contiguous();
   const auto log_sum_c = log_sum.contiguous();
   const auto labels_c = labels.contiguous();
+  check_labels(labels_c, logits.size(-1));
   const auto offsets = row_offsets(logits);
   const auto grad_offsets = row_offsets(grad_logits);
   const auto inv_temp = static_cast<float>(1.0 / temperature);
