@@ -1,6 +1,6 @@
 """``saferlhf <command>``: the command line of every stage.
 
-    saferlhf sft|rm|cm|ppo-lag|ppo|ppo-rs --config FILE [key=value ...]
+    saferlhf sft|rm|cm|ppo-lag|ppo|ppo-rs|dpo --config FILE [key=value ...]
                                                         one stage (``--help`` lists every key)
     saferlhf data check PATH --kind {preference,sft,prompt} [--json]
     saferlhf demo [--out DIR] [--json]                  the main job on the toy world
@@ -15,7 +15,8 @@ import sys
 
 from saferlhf.config import ConfigError, build_config, describe, resolve_preset
 
-STAGE_COMMANDS = {"sft": "sft", "rm": "rm", "cm": "cm", "ppo-lag": "ppo_lag", "ppo": "ppo", "ppo-rs": "ppo_rs"}
+STAGE_COMMANDS = {"sft": "sft", "rm": "rm", "cm": "cm", "ppo-lag": "ppo_lag", "ppo": "ppo", "ppo-rs": "ppo_rs",
+                  "dpo": "dpo"}
 USAGE = __doc__
 
 
@@ -46,6 +47,8 @@ def run_stage(command: str, argv: list[str]) -> int:
         return 2
     if stage == "sft":
         from saferlhf.trainers.sft import train_sft as runner
+    elif stage == "dpo":
+        from saferlhf.trainers.dpo import train_dpo as runner
     elif stage in ("ppo_lag", "ppo", "ppo_rs"):
         from saferlhf.trainers.ppo_lag import train_ppo as runner
     else:

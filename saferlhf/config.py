@@ -149,6 +149,12 @@ class RolloutConfig:
 
 
 @dataclass
+class DPOConfig:
+    beta: float = _f(0.1, "beta: temperature of the implicit reward beta*(log pi - log pi_ref)")
+    label: str = _f("better", "which response is chosen: better (helpfulness) or safer (harmlessness)")
+
+
+@dataclass
 class Config:
     stage: str = _f("sft", "the stage this tree was resolved for")
     run: RunConfig = field(default_factory=RunConfig)
@@ -160,6 +166,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     lagrange: LagrangeConfig = field(default_factory=LagrangeConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     @property
     def out_dir(self) -> Path:

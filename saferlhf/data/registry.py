@@ -384,20 +384,22 @@ def hh_rlhf_to_preference(row: dict, harmless: bool) -> dict | UnreadableRow:
 # freshly sampled responses and labels, not unseen requests.
 TOY_SIZES = {"train": 4000, "test": 500}
 TOY_SEEDS = {"train": 0, "test": 1}
-# name -> (kind, generator function in saferlhf.data.toyworld)
+# name -> (kind, generator function in saferlhf.data.toyworld, its keyword arguments)
 _TOY_DATASETS = {
-    "toy-sft": ("sft", "generate_sft"),
-    "toy-preference": ("preference", "generate_preference"),
-    "toy-prompts": ("prompt", "generate_prompts"),
+    "toy-sft": ("sft", "generate_sft", {}),
+    "toy-preference": ("preference", "generate_preference", {}),
+    "toy-prompts": ("prompt", "generate_prompts", {}),
+    # The RL prompt set of Safe RLHF is red-teaming heavy: most requests are harmful ones.
+    "toy-redteam": ("prompt", "generate_prompts", {"harmful_fraction": 0.8}),
 }
 
 
 def toy_rows(name: str, split: str) -> list[dict]:
-    """The rows of toy dataset ``name`` (``toy-sft``, ``toy-preference``, ``toy-prompts``) for a split."""
+    """The rows of toy dataset ``name`` (a key of ``_TOY_DATASETS``) for a split."""
     # Imported here: nothing else in this module needs the toy world.
     toyworld = importlib.import_module("saferlhf.data.toyworld")
-    generate = getattr(toyworld, _TOY_DATASETS[name][1])
-    return generate(TOY_SIZES[split], seed=TOY_SEEDS[split])
+    _, function, kwargs = _TOY_DATASETS[name]
+    return getattr(toyworld, function)(TOY_SIZES[split], seed=TOY_SEEDS[split], **kwargs)
 
 
 def _register_builtins() -> None:
@@ -428,7 +430,7 @@ def _register_builtins() -> None:
             convert=lambda row, harmless=harmless: hh_rlhf_to_preference(row, harmless),
             description=f"Anthropic/hh-rlhf {subset}-base, dialogues mapped to preference rows",
         )
-    for name, (kind, _) in _TOY_DATASETS.items():
+    for name, (kind, _, _) in _TOY_DATASETS.items():
         for split in ("train", "test"):
             register_dataset(
                 f"{name}/{split}",

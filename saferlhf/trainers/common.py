@@ -94,12 +94,34 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def read_metrics(path: str | Path) -> list[dict]:
+def read_metrics(path: str | Path, *, partial_tail: bool = False) -> list[dict]:
+    """The rows of a ``metrics.jsonl``; [] when there is none.
+
+    ``partial_tail=True`` drops a last line cut short (a process killed while writing it); any other
+    malformed line is an error naming the file and line.
+    """
     path = Path(path)
     if not path.exists():
         return []
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if partial_tail and i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}, line {n}: not a JSON object ({err})") from err
+    return rows
+
+
+def truncate_metrics(path: str | Path, last_step: int) -> None:
+    """Keep the rows of steps ≤ ``last_step`` (a resumed run recomputes the others); atomic rewrite."""
+    path = Path(path)
+    rows = [r for r in read_metrics(path, partial_tail=True) if r["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
 
 
 @dataclass

@@ -19,7 +19,6 @@ at the same position P + t − 1 — so both read ``[:, P-1 : L-1]``.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -51,8 +50,8 @@ from saferlhf.trainers.common import (
     plot_metrics,
     progress,
     prune_checkpoints,
-    read_metrics,
     setup_run,
+    truncate_metrics,
 )
 from saferlhf.trainers.data import load_splits
 from saferlhf.trainers.passes import mean_entropy, response_logprobs, response_values
@@ -419,9 +418,7 @@ class PPOLagTrainer:
         torch.set_rng_state(state["rng"]["torch"])
         self.start_step = state["step"] + 1
         if run.is_main:  # drop metrics of steps after the checkpoint (they are recomputed)
-            rows = [r for r in read_metrics(run.out_dir / "metrics.jsonl") if r["step"] <= state["step"]]
-            with open(run.out_dir / "metrics.jsonl", "w") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in rows)
+            truncate_metrics(run.out_dir / "metrics.jsonl", state["step"])
         logger.info("resumed from %s at step %d", ckpt, self.start_step)
 
     def save_final(self) -> None:
