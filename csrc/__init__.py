@@ -132,6 +132,15 @@ def logprobs(
     Returns:
         (...) float32.
     """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must have the logits' shape {tuple(logits.shape)} without V")
+    # Checked here rather than only in the operator: an error raised inside a JIT-built extension
+    # crashed the process on one machine instead of propagating (see benchmarks/RESULTS.md).
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < logits.shape[-1]:
+        bad = labels[(labels < 0) | (labels >= logits.shape[-1])][0].item()
+        raise ValueError(f"label {bad} out of range [0, {logits.shape[-1]})")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     return _Logprobs.apply(logits, labels.long(), float(temperature), inplace_backward)

@@ -137,7 +137,10 @@ def test_native_forward_has_no_vocabulary_sized_temporary(native):
 def test_native_rejects_labels_outside_the_vocabulary(native):
     logits, labels = _logits((3, 100), torch.float32, native.device)
     labels[1] = -100
-    with pytest.raises(RuntimeError, match="out of range"):
+    with pytest.raises(ValueError, match="label -100 out of range"):
+        native.logprobs(logits, labels)
+    labels[1] = 100
+    with pytest.raises(ValueError, match="label 100 out of range"):
         native.logprobs(logits, labels)
 
 
