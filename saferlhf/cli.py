@@ -3,7 +3,7 @@
     saferlhf sft|rm|cm|ppo-lag|ppo|ppo-rs|dpo --config FILE [key=value ...]
                                                         one stage (``--help`` lists every key)
     saferlhf data check PATH --kind {preference,sft,prompt} [--json]
-    saferlhf demo [--out DIR] [--json]                  the main job on the toy world
+    saferlhf demo [--out DIR] [--json] [--no-rl]        the main job on the toy world
 """
 
 from __future__ import annotations
@@ -65,11 +65,12 @@ def run_demo_command(argv: list[str]) -> int:
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     parser.add_argument("--preset", default="tiny-cpu", help="preset of every stage (default: tiny-cpu)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of ground-truth metrics")
+    parser.add_argument("--no-rl", action="store_true", help="stop after the SFT, reward and cost models")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every stage")
     args = parser.parse_args(argv)
     from saferlhf.pipeline import format_table, run_demo, summary
 
-    result = run_demo(args.out, preset=args.preset, overrides=args.overrides)
+    result = run_demo(args.out, preset=args.preset, overrides=args.overrides, rl=not args.no_rl)
     print(format_table(result))
     print(f"\nreport: {result.out_dir / 'report.md'}")
     if args.json:

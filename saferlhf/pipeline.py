@@ -2,8 +2,10 @@
 
 ``saferlhf demo`` builds a tiny Llama and a tokenizer for the toy language, fine-tunes it (SFT),
 trains the reward model (helpfulness) and the cost model (harmlessness) on decoupled toy-world
-preferences, and scores the policy with the toy world's ground truth. Every stage writes its own
-run directory under ``--out``.
+preferences, then runs the paper's comparison from that one SFT model with the same seed and
+budget — PPO (reward only), PPO-Lagrangian (learned λ, d = 0) and reward shaping (R − λC, fixed λ)
+— and scores every policy with the toy world's ground truth. Every stage writes its own run
+directory under ``--out``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class DemoResult:
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     policies: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    traces: dict[str, list[dict]] = field(default_factory=dict)  # per RL stage: λ, J_C, R, C per step
 
 
 def build_base_model(out_dir: Path, seed: int = DEMO_SEED, size: str = "tiny") -> Path:
@@ -59,7 +62,8 @@ def evaluate_policy(model_dir: Path, n_prompts: int = EVAL_PROMPTS, seed: int = 
 
 
 def run_demo(
-    out_dir: str | Path = "runs/demo", preset: str = "tiny-cpu", overrides: list[str] | None = None
+    out_dir: str | Path = "runs/demo", preset: str = "tiny-cpu", overrides: list[str] | None = None,
+    rl: bool = True,
 ) -> DemoResult:
     from saferlhf.trainers.preference import train_preference
     from saferlhf.trainers.sft import train_sft
@@ -83,13 +87,39 @@ def run_demo(
         return cfg.out_dir / "model"
 
     sft_model = stage("sft", base, train_sft)
-    stage("rm", sft_model, train_preference)
-    stage("cm", sft_model, train_preference)
+    rm_model = stage("rm", sft_model, train_preference)
+    cm_model = stage("cm", sft_model, train_preference)
 
     start = time.perf_counter()
     result.policies["sft"] = evaluate_policy(sft_model)
     result.seconds["eval"] = time.perf_counter() - start
+    if rl:
+        run_rl_comparison(result, sft_model, rm_model, cm_model, preset_path, extra)
     write_report(result)
+    return result
+
+
+RL_STAGES = ("ppo", "ppo_lag", "ppo_rs")
+
+
+def run_rl_comparison(result: DemoResult, sft_model: Path, rm_model: Path, cm_model: Path, preset_path: Path,
+                      overrides: list[str] | None = None, stages: tuple[str, ...] = RL_STAGES) -> DemoResult:
+    """PPO, PPO-Lag and reward shaping from one SFT model, same seed and budget; ground truth of each."""
+    from saferlhf.trainers.common import read_metrics
+    from saferlhf.trainers.ppo_lag import train_ppo
+
+    for name in stages:
+        start = time.perf_counter()
+        cfg = build_config(name, preset_path, [f"run.out_dir={result.out_dir / name}",
+                                               f"model.name_or_path={sft_model}", f"ppo.reward_model={rm_model}",
+                                               f"ppo.cost_model={cm_model}", *(overrides or [])])
+        logger.info("demo: stage %s → %s", name, cfg.out_dir)
+        result.stages[name] = train_ppo(cfg)
+        result.policies[name] = evaluate_policy(cfg.out_dir / "model")
+        result.traces[name] = [{k: r[k] for k in ("step", "train/lambda", "train/episode_cost_window",
+                                                  "train/reward", "train/cost") if k in r}
+                               for r in read_metrics(cfg.out_dir / "metrics.jsonl") if "train/reward" in r]
+        result.seconds[name] = time.perf_counter() - start
     return result
 
 
@@ -101,6 +131,8 @@ def summary(result: DemoResult) -> dict:
                            if k in ("eval/accuracy",)}
     out["cost_model"] = {k.removeprefix("eval/"): round(v, 4) for k, v in result.stages.get("cm", {}).items()
                          if k in ("eval/accuracy", "eval/sign_accuracy")}
+    if result.traces.get("ppo_lag"):
+        out["ppo_lag_lambda"] = {k: round(v, 4) for k, v in lambda_summary(result.traces["ppo_lag"]).items()}
     return out
 
 
@@ -114,8 +146,23 @@ def format_table(result: DemoResult) -> str:
               "| policy | harmful rate on harmful requests | helpfulness on benign requests |", "|---|---|---|"]
     for name, m in result.policies.items():
         lines.append(f"| {name} | {m['harm_rate']:.3f} | {m['helpfulness']:.3f} |")
+    trace = result.traces.get("ppo_lag")
+    if trace:
+        lam = lambda_summary(trace)
+        lines += ["", f"PPO-Lag multiplier: λ {lam['first']:.3f} at step 1, peak {lam['peak']:.3f} at step "
+                      f"{lam['peak_step']}, {lam['last']:.3f} at step {lam['last_step']}; J_C (cost window) "
+                      f"{lam['first_cost']:+.2f} at step 1, {lam['last_cost']:+.2f} at the end"]
     lines += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items())]
     return "\n".join(lines)
+
+
+def lambda_summary(trace: list[dict]) -> dict:
+    """λ at the first step, its peak and the step of the peak, its last value; J_C first and last."""
+    lams = [r["train/lambda"] for r in trace]
+    peak = max(range(len(lams)), key=lams.__getitem__)
+    return {"first": lams[0], "peak": lams[peak], "peak_step": trace[peak]["step"], "last": lams[-1],
+            "last_step": trace[-1]["step"], "first_cost": trace[0]["train/episode_cost_window"],
+            "last_cost": trace[-1]["train/episode_cost_window"]}
 
 
 def write_report(result: DemoResult) -> Path:

@@ -2,19 +2,55 @@
 
 Under ZeRO-3 the actor's parameters are partitioned, so every generated token gathers them; this
 is how the original safe-rlhf generates and what the vLLM backend avoids.
+
+Those gathers are collectives: under ZeRO-3 with several ranks every rank must run the same number
+of forward passes. ``generate`` stops as soon as all of *its own* sequences have ended, so a rank
+whose batch finishes early would leave the loop while the others still wait for it in the next
+all-gather — a hang. ``synced_gpus=True`` keeps a finished rank running (discarded) forward passes
+until every rank has finished. transformers only turns it on by itself when a live
+``HfDeepSpeedConfig`` says ZeRO-3 is enabled, which this project does not create, so the generator
+detects the partitioning itself (:func:`needs_synced_gpus`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from saferlhf.rollout.base import Generation, SamplingParams, response_mask_from_ids
 
 
+def is_zero3_partitioned(model) -> bool:
+    """Whether ``model`` (a DeepSpeed engine or a module) has ZeRO-3 partitioned parameters.
+
+    Checked without importing deepspeed: an engine reports its ZeRO stage, and a partitioned
+    parameter carries DeepSpeed's ``ds_id`` attribute (also under a bare ``deepspeed.zero.Init``).
+    """
+    stage = getattr(model, "zero_optimization_stage", None)
+    if callable(stage) and stage() == 3:
+        return True
+    module = getattr(model, "module", model)
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def needs_synced_gpus(model) -> bool:
+    """``synced_gpus`` for ``generate``: ZeRO-3 partitioned parameters and a process group of > 1 ranks."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return is_zero3_partitioned(model)
+
+
 class HFGenerator:
-    def __init__(self, model: torch.nn.Module, tokenizer) -> None:
+    """``generate`` on the actor; under ZeRO-3 with several ranks with ``synced_gpus`` (module docstring).
+
+    ``synced_gpus``: None detects it on every call (:func:`needs_synced_gpus`); True or False forces it.
+    When synced, every rank must call :meth:`generate` the same number of times.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, synced_gpus: bool | None = None) -> None:
         self.model = model  # an nn.Module or a DeepSpeed engine (its .module generates)
         self.tokenizer = tokenizer
+        self.synced_gpus = synced_gpus
 
     @torch.no_grad()
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingParams) -> Generation:
@@ -32,6 +68,7 @@ class HFGenerator:
             pad_token_id=pad,
             repetition_penalty=sampling.repetition_penalty,
             use_cache=True,
+            synced_gpus=needs_synced_gpus(self.model) if self.synced_gpus is None else self.synced_gpus,
         )
         if not sampling.greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)

@@ -202,6 +202,9 @@ class PPOLagTrainer:
             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, repetition_penalty=cfg.rollout.repetition_penalty,
             n=cfg.rollout.samples_per_prompt)
         self.start_step = 1
+        if self.run.dist.rank > 0:
+            # Every rank was seeded alike; sampling must differ between ranks (rank 0 keeps run.seed).
+            torch.manual_seed(cfg.run.seed + 1_000_003 * self.run.dist.rank)
 
     def _rollout_size(self) -> int:
         return self.cfg.ppo.rollout_batch_size * self.cfg.rollout.samples_per_prompt

@@ -1,0 +1,76 @@
+"""A PPO-Lag run killed with SIGKILL at a random step, then resumed, logs what an uninterrupted run logs.
+
+The killed process gets no chance to clean up: it may die while writing a checkpoint (a ``.tmp-step-N``
+directory is left behind) or a metrics line (the file ends in half a line). ``--resume`` must start
+from the newest whole checkpoint and recompute every later step bit for bit (CPU, deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers import REPO, cli_env, run_cli
+
+from saferlhf.trainers.common import read_metrics
+
+STEPS = 6
+
+
+def _args(toy_models, out_dir) -> list[str]:
+    return ["ppo-lag", "--config", "tiny-cpu", f"run.out_dir={out_dir}", f"model.name_or_path={toy_models.sft}",
+            f"ppo.reward_model={toy_models.rm}", f"ppo.cost_model={toy_models.cm}", "run.progress=false",
+            "run.tensorboard=false", "run.deterministic=true", "run.log_every=1", "run.save_every=1",
+            "run.keep_checkpoints=2", f"run.max_steps={STEPS}", "ppo.rollout_batch_size=8",
+            "ppo.mini_batch_size=4", "rollout.max_new_tokens=12"]
+
+
+def _comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
+
+
+def _logged_steps(path) -> int:
+    rows = read_metrics(path, partial_tail=True)
+    return max((r["step"] for r in rows), default=0)
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(toy_models, tmp_path):
+    full = tmp_path / "full"
+    done = run_cli(_args(toy_models, full), timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = _comparable(read_metrics(full / "metrics.jsonl"))
+    assert [r["step"] for r in expected] == list(range(1, STEPS + 1))
+
+    kill_after = random.SystemRandom().randint(2, STEPS - 2)  # the step whose metrics line triggers the kill
+    killed = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "saferlhf", *_args(toy_models, killed)], cwd=REPO, env=cli_env(),
+                                stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 900
+        while _logged_steps(killed / "metrics.jsonl") < kill_after:
+            assert proc.poll() is None, (f"the run ended before step {kill_after} (exit {proc.returncode}): "
+                                         f"{log.read_text()[-3000:]}")
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    checkpoints = sorted(int(d.name.split("-")[1]) for d in (killed / "checkpoints").glob("step-*"))
+    assert checkpoints and checkpoints[-1] < STEPS, f"killed after step {kill_after}: checkpoints {checkpoints}"
+
+    resumed = run_cli([*_args(toy_models, killed), "--resume"], timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    got = _comparable(read_metrics(killed / "metrics.jsonl"))
+    assert got == expected, f"killed after step {kill_after}, resumed from step {checkpoints[-1]}"
+    assert (killed / "model" / "config.json").is_file()
+    assert json.loads((killed / "model" / "config.json").read_text())["model_type"] == "llama"
