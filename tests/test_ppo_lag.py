@@ -43,3 +43,21 @@ def test_resume_from_a_checkpoint_reproduces_the_following_steps(toy_models, tmp
         for r in read_metrics(d / "metrics.jsonl") if r["step"] > 2]
     assert after(resumed) == after(full)
     assert len(after(full)) == 2
+
+
+def test_reference_ops_and_the_default_ops_train_the_same(toy_models, tmp_path, monkeypatch):
+    """The toy-world PPO-Lag run with SAFERLHF_OPS=reference matches the default (native) ops, step by step."""
+    steps = ["run.max_steps=3"]
+    fused = train_ppo(_cfg(toy_models, tmp_path / "default", "ppo_lag", *steps))
+    monkeypatch.setenv("SAFERLHF_OPS", "reference")
+    plain = train_ppo(_cfg(toy_models, tmp_path / "reference", "ppo_lag", *steps))
+    rows = {name: [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "train/reward" in r]
+            for name in ("default", "reference")}
+    assert [r["step"] for r in rows["reference"]] == [r["step"] for r in rows["default"]] == [1, 2, 3]
+    for a, b in zip(rows["default"], rows["reference"]):
+        for key, value in a.items():
+            if "clip_fraction" in key:  # a count: one token at the clip boundary may fall either way
+                assert b[key] == pytest.approx(value, abs=0.02), (a["step"], key)
+            elif key.startswith("train/"):
+                assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-5), (a["step"], key)
+    assert plain["train/lambda"] == pytest.approx(fused["train/lambda"], rel=1e-5)
