@@ -114,7 +114,7 @@ def test_a_critic_with_another_vocabulary_is_an_error_at_start_up(toy_models, tm
 
 
 def test_a_scorer_with_another_tokenizer_re_tokenizes_the_text():
-    actor_tok = load_tokenizer_from(toyworld.corpus(0))
+    actor_tok = train_tokenizer(toyworld.corpus(0), vocab_size=512)
     scorer_tok = _other_tokenizer()
     config = LlamaConfig(vocab_size=len(scorer_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, pad_token_id=scorer_tok.pad_token_id)
@@ -131,10 +131,6 @@ def test_a_scorer_with_another_tokenizer_re_tokenizes_the_text():
         with torch.no_grad():
             expected = model(own.input_ids, own.attention_mask).end_scores
         assert score.item() == pytest.approx(expected.item(), abs=1e-5)
-
-
-def load_tokenizer_from(texts):
-    return train_tokenizer(texts, vocab_size=512)
 
 
 def test_load_tokenizer_reads_what_train_tokenizer_saved(tmp_path):
