@@ -220,7 +220,7 @@ def is_zero3(module: torch.nn.Module) -> bool:
 
 
 def full_state_dict(engine_or_module: Any, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
-    """A full, CPU state dict of the module on rank 0 (None elsewhere).
+    """A full, CPU state dict of the module on rank 0 (None elsewhere): parameters and persistent buffers.
 
     Under ZeRO-3 parameters are gathered one at a time, so no rank ever holds the whole model
     twice; all ranks must call this (the gathers are collectives).
@@ -238,8 +238,11 @@ def full_state_dict(engine_or_module: Any, dtype: torch.dtype | None = None) -> 
             state[name] = param.detach().to("cpu", dtype or param.dtype).clone()
     if rank != 0:
         return None
+    # Non-persistent buffers (e.g. rotary inv_freq) are rebuilt at load and are no part of a checkpoint.
+    transient = {f"{prefix}.{b}" if prefix else b for prefix, sub in module.named_modules()
+                 for b in sub._non_persistent_buffers_set}
     for name, buf in module.named_buffers():
-        if name not in state:
+        if name not in state and name not in transient:
             state[name] = buf.detach().cpu().clone()
     return state
 
