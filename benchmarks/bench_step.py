@@ -154,11 +154,9 @@ class Models:
         self.critic_c = copy.deepcopy(self.cost).requires_grad_(True)
         self.trained = {"actor": self.actor, "critic_r": self.critic_r, "critic_c": self.critic_c}
         self.initial = {name: copy.deepcopy(m.state_dict()) for name, m in self.trained.items()}
-        fused = device.type == "cuda"
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.reset()
         self.parameters = sum(p.numel() for p in self.actor.parameters())
-        self._fused = fused
 
     def reset(self) -> None:
         """Trained models back to their initial weights, with fresh AdamW states."""

@@ -27,6 +27,8 @@ import torch
 
 from saferlhf import distributed
 from saferlhf.config import Config, save_config
+from saferlhf.models.hf import save_causal_lm
+from saferlhf.models.score_model import ScoreModel
 
 logger = logging.getLogger("saferlhf")
 
@@ -113,6 +115,22 @@ def read_metrics(path: str | Path, *, partial_tail: bool = False) -> list[dict]:
                 break
             raise ValueError(f"{path}, line {n}: not a JSON object ({err})") from err
     return rows
+
+
+def save_model(run: Run, engine, directory: str | Path, tokenizer) -> None:
+    """Write an engine's model as a Hugging Face checkpoint in ``directory`` (rank 0 writes).
+
+    Every rank must call it: under ZeRO-3 the full weights are gathered with collectives. A
+    :class:`ScoreModel` is written with its own ``save_pretrained``, anything else as a causal LM.
+    """
+    state = distributed.full_state_dict(engine)
+    if run.is_main:
+        module = distributed.unwrap(engine)
+        if isinstance(module, ScoreModel):
+            module.save_pretrained(directory, tokenizer=tokenizer, state_dict=state)
+        else:
+            save_causal_lm(module, directory, tokenizer, state_dict=state)
+    distributed.barrier()
 
 
 def truncate_metrics(path: str | Path, last_step: int) -> None:

@@ -27,8 +27,8 @@ from saferlhf import distributed, ops
 from saferlhf.algorithms import divergence_mask, dpo_loss, sequence_logprob_sums
 from saferlhf.config import Config
 from saferlhf.data.collate import PairBatch, PairDataset
-from saferlhf.models.hf import load_causal_lm, load_tokenizer, save_causal_lm
-from saferlhf.trainers.common import eval_batches, logger, plot_metrics, setup_run, train_ds_config
+from saferlhf.models.hf import load_causal_lm, load_tokenizer
+from saferlhf.trainers.common import eval_batches, logger, plot_metrics, save_model, setup_run, train_ds_config
 from saferlhf.trainers.data import load_splits
 from saferlhf.trainers.supervised import plan_steps, train_supervised
 
@@ -136,10 +136,7 @@ def train_dpo(cfg: Config) -> dict[str, float]:
         return {"eval/loss": loss.item(), **{f"eval/{k}": v.item() for k, v in metrics.items()}}
 
     def save_fn(engine, directory):
-        state = distributed.full_state_dict(engine)
-        if run.is_main:
-            save_causal_lm(distributed.unwrap(engine), directory, tokenizer, state_dict=state)
-        distributed.barrier()
+        save_model(run, engine, directory, tokenizer)
 
     final = train_supervised(run, engine, train_set, plan, loss_fn, eval_fn, save_fn)
     if run.is_main:

@@ -39,7 +39,7 @@ from saferlhf.algorithms import (
 )
 from saferlhf.config import Config
 from saferlhf.data.collate import PromptDataset, SFTDataset
-from saferlhf.models.hf import load_causal_lm, load_tokenizer, save_causal_lm
+from saferlhf.models.hf import load_causal_lm, load_tokenizer
 from saferlhf.models.score_model import ScoreModel
 from saferlhf.rollout.base import Generation, SamplingParams
 from saferlhf.rollout.hf import HFGenerator
@@ -50,6 +50,7 @@ from saferlhf.trainers.common import (
     plot_metrics,
     progress,
     prune_checkpoints,
+    save_model,
     setup_run,
     truncate_metrics,
 )
@@ -425,10 +426,7 @@ class PPOLagTrainer:
         logger.info("resumed from %s at step %d", ckpt, self.start_step)
 
     def save_final(self) -> None:
-        state = distributed.full_state_dict(self.actor)
-        if self.run.is_main:
-            save_causal_lm(distributed.unwrap(self.actor), self.run.out_dir / "model", self.tokenizer, state_dict=state)
-        distributed.barrier()
+        save_model(self.run, self.actor, self.run.out_dir / "model", self.tokenizer)
 
 
 def train_ppo(cfg: Config) -> dict[str, float]:

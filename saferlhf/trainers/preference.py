@@ -19,6 +19,7 @@ from saferlhf.trainers.common import (
     eval_batches,
     logger,
     plot_metrics,
+    save_model,
     setup_run,
     train_ds_config,
 )
@@ -95,10 +96,7 @@ def train_preference(cfg: Config) -> dict[str, float]:
         return metrics
 
     def save_fn(engine, directory):
-        state = distributed.full_state_dict(engine)
-        if run.is_main:
-            distributed.unwrap(engine).save_pretrained(directory, tokenizer=tokenizer, state_dict=state)
-        distributed.barrier()
+        save_model(run, engine, directory, tokenizer)
 
     final = train_supervised(run, engine, train_set, plan, loss_fn, eval_fn, save_fn)
     if run.is_main:

@@ -8,8 +8,8 @@ from saferlhf import distributed
 from saferlhf.algorithms import sft_loss
 from saferlhf.config import Config
 from saferlhf.data.collate import SFTDataset
-from saferlhf.models.hf import load_causal_lm, load_tokenizer, save_causal_lm
-from saferlhf.trainers.common import eval_batches, plot_metrics, setup_run, train_ds_config
+from saferlhf.models.hf import load_causal_lm, load_tokenizer
+from saferlhf.trainers.common import eval_batches, plot_metrics, save_model, setup_run, train_ds_config
 from saferlhf.trainers.data import load_splits
 from saferlhf.trainers.supervised import plan_steps, train_supervised
 
@@ -55,10 +55,7 @@ def train_sft(cfg: Config) -> dict[str, float]:
         return {"eval/loss": (total[0] / total[1].clamp(min=1)).item()}
 
     def save_fn(engine, directory):
-        state = distributed.full_state_dict(engine)
-        if run.is_main:
-            save_causal_lm(distributed.unwrap(engine), directory, tokenizer, state_dict=state)
-        distributed.barrier()
+        save_model(run, engine, directory, tokenizer)
 
     final = train_supervised(run, engine, train_set, plan, loss_fn, eval_fn, save_fn)
     if run.is_main:
