@@ -1,6 +1,11 @@
-"""Inputs shared by the kernel tests."""
+"""Inputs shared by the kernel tests: padding masks, and the benchmark scripts as modules."""
 
 from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 
@@ -24,3 +29,20 @@ def padding_mask(batch: int, length: int, single_token: bool = False) -> torch.T
             mask[row, :] = False
             mask[row, length // 2] = True
     return mask
+
+
+@contextlib.contextmanager
+def script_module(path: Path):
+    """The script at ``path`` (e.g. ``benchmarks/gpu_suite.py``) imported as a module named after its file.
+
+    It is registered in ``sys.modules`` while it runs (dataclasses look their module up while it
+    executes) and removed afterwards.
+    """
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[path.stem]

@@ -8,13 +8,12 @@ entropy and first losses, so that the GPU figures compare like with like.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from kernel_inputs import script_module
 
 pytest_plugins = ["kernel_fixtures"]  # switches the Triton interpreter on where there is no GPU
 
@@ -23,14 +22,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_step.py"
 
 @pytest.fixture(scope="module")
 def bench_step():
-    spec = importlib.util.spec_from_file_location("bench_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_step"] = module  # dataclasses look their module up while it executes
-    try:
-        spec.loader.exec_module(module)
+    with script_module(SCRIPT) as module:
         yield module
-    finally:
-        del sys.modules["bench_step"]
 
 
 @pytest.mark.parametrize("fused", ["native", "triton"])

@@ -6,13 +6,12 @@ JSON line) so that its first GPU run measures instead of crashing. Its timings h
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from kernel_inputs import script_module
 
 pytest_plugins = ["kernel_fixtures"]  # switches the Triton interpreter on where there is no GPU
 
@@ -23,14 +22,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 @pytest.fixture(scope="module")
 def gpu_suite():
     pytest.importorskip("triton")
-    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_suite"] = module  # dataclasses look their module up while it executes
-    try:
-        spec.loader.exec_module(module)
+    with script_module(SUITE) as module:
         yield module
-    finally:
-        del sys.modules["gpu_suite"]
 
 
 def test_suite_runs_on_tiny_shapes(gpu_suite):
