@@ -138,7 +138,8 @@ class LagrangeConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = _f("hf", "generation backend: hf (transformers generate on the actor) or vllm")
+    backend: str = _f("auto", "generation backend: vllm, hf (transformers generate on the actor), "
+                              "or auto (vllm where it imports, else hf)")
     max_new_tokens: int = _f(128, "response length cap")
     temperature: float = _f(1.0, "sampling temperature (also used for the log-probs)")
     top_p: float = _f(1.0, "nucleus sampling")
@@ -146,6 +147,13 @@ class RolloutConfig:
     repetition_penalty: float = _f(1.0, "repetition penalty")
     samples_per_prompt: int = _f(1, "responses sampled per prompt")
     verify_sync: bool = _f(False, "check every weight sync against the actor on probe prompts")
+    verify_prompts: int = _f(4, "probe prompts of verify_sync (the first ones of the prompt set)")
+    verify_tolerance: float = _f(1e-3, "verify_sync: largest |engine - actor| log-prob accepted")
+    kv_cache_mb: int = _f(256, "vllm: KV-cache memory of the engine, MiB per rank")
+    tensor_parallel_size: int = _f(1, "vllm: ranks one engine spans (under torchrun/deepspeed)")
+    sync_bucket_mb: int = _f(256, "vllm: weight sync bucket size, MiB (whole decoder layers per bucket)")
+    sync_method: str = _f("auto", "vllm: weight push path, reload (CPU), load_weights (GPU) or auto")
+    enable_sleep: bool = _f(False, "vllm on GPU: sleep the engine during training phases (colocation)")
 
 
 @dataclass

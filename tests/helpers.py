@@ -71,3 +71,11 @@ def run_cli(args: list[str], *, nproc: int = 1, timeout: int = 600, cwd: Path | 
             proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+WALL_CLOCK_SUFFIXES = ("/seconds", "/tokens_per_second")
+
+
+def comparable(row: dict) -> dict:
+    """A metrics row without the values that depend on wall-clock time (phase times, throughput)."""
+    return {k: v for k, v in row.items() if not k.startswith("time") and not k.endswith(WALL_CLOCK_SUFFIXES)}

@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from helpers import REPO, cli_env, run_cli
+from helpers import REPO, cli_env, comparable, run_cli
 
 from saferlhf.trainers.common import read_metrics
 
@@ -31,7 +31,7 @@ def _args(toy_models, out_dir) -> list[str]:
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
+    return [comparable(r) for r in rows]
 
 
 def _logged_steps(path) -> int:

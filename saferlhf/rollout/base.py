@@ -23,6 +23,7 @@ class SamplingParams:
     n: int = 1  # samples per prompt
     greedy: bool = False
     seed: int | None = None
+    logprobs: bool = False  # return the engine's log-probs of the sampled tokens (backends that have them)
 
 
 @dataclass
@@ -46,7 +47,8 @@ class Generation:
 class Generator(Protocol):
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingParams) -> Generation: ...
 
-    def load_weights(self, named_tensors) -> None: ...
+    def load_weights(self, buckets) -> object:
+        """New actor weights: an iterable of buckets, each a list of (name, tensor) of complete groups."""
 
     def sleep(self) -> None: ...
 

@@ -41,8 +41,9 @@ from saferlhf.config import Config
 from saferlhf.data.collate import PromptDataset, SFTDataset
 from saferlhf.models.hf import load_causal_lm, load_tokenizer
 from saferlhf.models.score_model import ScoreModel
+from saferlhf.rollout import make_generator
 from saferlhf.rollout.base import Generation, SamplingParams
-from saferlhf.rollout.hf import HFGenerator
+from saferlhf.rollout.sync import WeightSyncError, bucketize, weight_groups
 from saferlhf.trainers.common import (
     Run,
     check_finite,
@@ -197,7 +198,8 @@ class PPOLagTrainer:
             self.critic_c = trained(ScoreModel.from_pretrained(critic_paths["cost"], dtype=cfg.model.dtype),
                                     p.critic_lr, p.critic_weight_decay)
         self.lagrange = make_lagrange(cfg) if self.mode == "ppo_lag" else None
-        self.generator = HFGenerator(self.actor, self.tokenizer)
+        self.generator = make_generator(cfg, self.actor, self.tokenizer, actor_path)
+        self.engine_backed = hasattr(self.generator, "verify")  # generation on an engine with its own weights
         self.sampling = SamplingParams(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, repetition_penalty=cfg.rollout.repetition_penalty,
@@ -236,12 +238,16 @@ class PPOLagTrainer:
         bar = progress(total=self.total_steps, desc=MODES[self.mode], enabled=cfg.run.progress and run.is_main)
         bar.update(self.start_step - 1)
         last: dict[str, float] = {}
+        if self.engine_backed and self.start_step > 1:
+            self.sync_weights()  # the engine started from the initial weights; the actor was restored
         for step in range(self.start_step, self.total_steps + 1):
             timings: dict[str, float] = {}
             t = time.perf_counter()
             batch = self.prompts.collate([self.prompts[i] for i in self.prompt_indices(step)])
             gen = self.generator.generate(batch.input_ids, batch.attention_mask, self.sampling)
+            self.generator.sleep()
             timings["generate"] = time.perf_counter() - t
+            generated = float(gen.response_mask.sum())
 
             t = time.perf_counter()
             exp, stats = self.make_experience(gen, step)
@@ -251,7 +257,12 @@ class PPOLagTrainer:
             stats.update(self.update(exp, step))
             timings["learn"] = time.perf_counter() - t
 
+            if self.engine_backed:
+                t = time.perf_counter()
+                stats.update(self.sync_weights())
+                timings["sync"] = time.perf_counter() - t
             stats.update({f"time/{k}": v for k, v in timings.items()})
+            stats["rollout/tokens_per_second"] = generated / max(timings["generate"], 1e-9)
             last = stats
             run.metrics.log(step, stats)
             bar.set_postfix(R=f"{stats['train/reward']:.2f}", C=f"{stats.get('train/cost', 0.0):.2f}",
@@ -260,6 +271,7 @@ class PPOLagTrainer:
             if cfg.run.save_every > 0 and step % cfg.run.save_every == 0 and step != self.total_steps:
                 self.save_checkpoint(step)
         bar.close()
+        self.close()
         self.save_final()
         if run.is_main:
             plot_metrics(run.out_dir / "metrics.jsonl",
@@ -425,9 +437,53 @@ class PPOLagTrainer:
             truncate_metrics(run.out_dir / "metrics.jsonl", state["step"])
         logger.info("resumed from %s at step %d", ckpt, self.start_step)
 
+    # -- the generation engine ------------------------------------------------------------------
+
+    def sync_weights(self) -> dict[str, float]:
+        """Push the actor's weights into the generation engine (DESIGN.md §5); verify if asked.
+
+        A failed push leaves the engine on its last good weights (see the vllm backend); it is tried
+        once more from the actor, and a second failure stops the run (checkpoints stay as they are).
+        """
+        cfg = self.cfg
+        dtype = getattr(torch, cfg.model.dtype)
+        device = self.run.device
+        self.generator.wake_up()
+
+        def push():
+            groups = weight_groups(self.actor, dtype=dtype, device=device)
+            return self.generator.load_weights(bucketize(groups, cfg.rollout.sync_bucket_mb << 20))
+
+        try:
+            sync = push()
+        except WeightSyncError as e:
+            logger.warning("weight sync failed, trying once more: %s", e)
+            sync = push()
+        stats = {"sync/seconds": sync.seconds, "sync/buckets": float(sync.buckets),
+                 "sync/megabytes": sync.bytes / 2**20, "sync/engine_restarts": float(self.generator.restarts)}
+        if cfg.rollout.verify_sync:
+            count = min(cfg.rollout.verify_prompts, len(self.prompts))
+            probes = [self.prompts[i].input_ids.tolist() for i in range(count)]
+            same, diff = self.generator.verify(self.actor, probes)
+            verified = same and diff <= cfg.rollout.verify_tolerance
+            if not verified:
+                logger.warning("weight sync check failed: greedy tokens %s, max log-prob difference %.3g",
+                               "equal" if same else "differ", diff)
+            stats.update({"sync/verified": float(verified), "sync/max_logprob_diff": diff})
+        return stats
+
+    def close(self) -> None:
+        """Stop the generation engine (a no-op for the hf backend)."""
+        if self.engine_backed:
+            self.generator.shutdown()
+
     def save_final(self) -> None:
         save_model(self.run, self.actor, self.run.out_dir / "model", self.tokenizer)
 
 
 def train_ppo(cfg: Config) -> dict[str, float]:
-    return PPOLagTrainer(cfg).train()
+    trainer = PPOLagTrainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()  # also when a step raised: the engine must not outlive the run

