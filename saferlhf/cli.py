@@ -4,6 +4,8 @@
                                                         one stage (``--help`` lists every key)
     saferlhf data check PATH --kind {preference,sft,prompt} [--json]
     saferlhf demo [--out DIR] [--json] [--no-rl]        the main job on the toy world
+    saferlhf bench memory --model NAME [--zero-stage N] [--world-size N] [--micro-batch N] [--seq-len N] [--json]
+                                                        per-GPU memory of a PPO step: does it fit?
 """
 
 from __future__ import annotations
@@ -78,6 +80,27 @@ def run_demo_command(argv: list[str]) -> int:
     return 0
 
 
+def _bench_memory(argv: list[str]) -> int:
+    from saferlhf.memory import main as memory_main
+
+    return memory_main(argv)
+
+
+BENCH_COMMANDS = {"memory": _bench_memory}
+
+
+def run_bench_command(argv: list[str]) -> int:
+    """``saferlhf bench SUBCOMMAND ...``: dispatch on the subcommand."""
+    usage = f"usage: saferlhf bench {{{','.join(BENCH_COMMANDS)}}} [options] (--help after one for its options)"
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in BENCH_COMMANDS:
+        print(f"saferlhf bench: unknown subcommand '{argv[0]}'\n{usage}", file=sys.stderr)
+        return 2
+    return BENCH_COMMANDS[argv[0]](argv[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -95,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return check_main(rest[1:])
     if command == "demo":
         return run_demo_command(rest)
+    if command == "bench":
+        return run_bench_command(rest)
     print(f"saferlhf: unknown command '{command}'\n{USAGE}", file=sys.stderr)
     return 2
 
