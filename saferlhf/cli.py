@@ -4,6 +4,13 @@
                                                         one stage (``--help`` lists every key)
     saferlhf data check PATH --kind {preference,sft,prompt} [--json]
     saferlhf demo [--out DIR] [--json] [--no-rl]        the main job on the toy world
+    saferlhf eval --model DIR --prompts SET_OR_FILE [--reward-model DIR] [--cost-model DIR] [--samples N]
+                  [--max-new-tokens N] [--temperature T] [--run DIR] [--out DIR] [--json]
+                                                        a policy's reward, cost and harmful rate with 95% CIs
+    saferlhf arena --model-a DIR --model-b DIR --prompts SET_OR_FILE --reward-model DIR --cost-model DIR
+                   [--out DIR] [--json]                 two policies head to head: win rates, safe/unsafe table
+    saferlhf chat MODEL [MODEL_B] [--max-new-tokens N] [--temperature T] [--system TEXT]
+                                                        interactive, streaming; two models answer as [A] and [B]
     saferlhf bench memory --model NAME [--zero-stage N] [--world-size N] [--micro-batch N] [--seq-len N] [--json]
                                                         per-GPU memory of a PPO step: does it fit?
 """
@@ -118,6 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         return check_main(rest[1:])
     if command == "demo":
         return run_demo_command(rest)
+    if command in ("eval", "arena"):
+        from saferlhf.evaluate.evaluate import arena_main, eval_main
+
+        return (eval_main if command == "eval" else arena_main)(rest)
+    if command == "chat":
+        from saferlhf.chat import main as chat_main
+
+        return chat_main(rest)
     if command == "bench":
         return run_bench_command(rest)
     print(f"saferlhf: unknown command '{command}'\n{USAGE}", file=sys.stderr)

@@ -16,9 +16,11 @@ from transformers import AutoModelForCausalLM
 
 from saferlhf.rollout import hf
 from saferlhf.rollout.base import SamplingParams
+from saferlhf.rollout.vllm_engine import vllm_available
 from saferlhf.trainers.common import read_metrics
 
 STEPS = 3
+BACKENDS = ["hf", "vllm"] if vllm_available() else ["hf"]
 LAMBDA_INIT, LAMBDA_LR = 1.0, 0.1
 # Long enough that the toy actor ends its responses itself (lengths ~8-30 tokens): one rank's batch
 # then finishes before the other's, the case that hangs generation without ``synced_gpus``. At 12
@@ -90,14 +92,15 @@ def test_generation_is_synced_only_for_zero3_with_several_ranks(monkeypatch):
     assert plain.calls[-1]["synced_gpus"] is True
 
 
-def _ppo_lag(toy_models, out_dir, *, nproc: int, rollout_batch_size: int, mini_batch_size: int):
+def _ppo_lag(toy_models, out_dir, *, nproc: int, rollout_batch_size: int, mini_batch_size: int, backend: str):
     args = ["ppo-lag", "--config", "tiny-cpu", f"model.name_or_path={toy_models.sft}",
             f"ppo.reward_model={toy_models.rm}", f"ppo.cost_model={toy_models.cm}", f"run.out_dir={out_dir}",
             f"run.max_steps={STEPS}", "run.save_every=2", "run.log_every=1", "run.progress=false",
             "run.tensorboard=false", "deepspeed.zero_stage=3", f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
             f"ppo.rollout_batch_size={rollout_batch_size}", f"ppo.mini_batch_size={mini_batch_size}",
             "lagrange.method=gradient", f"lagrange.lambda_init={LAMBDA_INIT}", f"lagrange.lr={LAMBDA_LR}",
-            "lagrange.threshold=0.0", "lagrange.delay=0", "lagrange.window=128"]
+            "lagrange.threshold=0.0", "lagrange.delay=0", "lagrange.window=128", f"rollout.backend={backend}",
+            "rollout.verify_sync=true"]
     result = run_cli(args, nproc=nproc, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-4000:]
     return [r for r in read_metrics(out_dir / "metrics.jsonl") if "train/reward" in r]
@@ -105,9 +108,16 @@ def _ppo_lag(toy_models, out_dir, *, nproc: int, rollout_batch_size: int, mini_b
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_ppo_lag_zero3_on_two_ranks_trains_pools_lambda_and_saves_full_weights(toy_models, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ppo_lag_zero3_on_two_ranks_trains_pools_lambda_and_saves_full_weights(toy_models, tmp_path, backend):
+    """hf: generation on the partitioned actor. vllm: one engine per rank (external_launcher), synced
+    from the ZeRO-3 partitions gathered layer by layer, and checked against the actor after every update."""
     # 8 prompts per rank: the same global rollout (16) and global mini-batch (8) as the ws=1 run below.
-    rows = _ppo_lag(toy_models, tmp_path / "ws2", nproc=2, rollout_batch_size=8, mini_batch_size=4)
+    rows = _ppo_lag(toy_models, tmp_path / "ws2", nproc=2, rollout_batch_size=8, mini_batch_size=4,
+                    backend=backend)
+    if backend == "vllm":
+        for row in rows:
+            assert row["sync/verified"] == 1.0 and row["sync/max_logprob_diff"] <= 1e-4, row
 
     # One row per step, every scalar finite.
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -163,7 +173,8 @@ def test_ppo_lag_zero3_on_two_ranks_trains_pools_lambda_and_saves_full_weights(t
 
     # World size 1 on the same global rollout: sampling differs per rank, so only the scale of the
     # first step's scores (same initial policy, same 16 prompts) is compared.
-    one = _ppo_lag(toy_models, tmp_path / "ws1", nproc=1, rollout_batch_size=16, mini_batch_size=8)
+    one = _ppo_lag(toy_models, tmp_path / "ws1", nproc=1, rollout_batch_size=16, mini_batch_size=8,
+                   backend=backend)
     assert [r["step"] for r in one] == list(range(1, STEPS + 1))
     for key in ("train/reward", "train/cost"):
         a, b = one[0][key], rows[0][key]

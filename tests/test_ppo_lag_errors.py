@@ -15,6 +15,7 @@ from saferlhf.models.hf import load_tokenizer
 from saferlhf.models.score_model import ScoreModel
 from saferlhf.models.tiny import train_tokenizer
 from saferlhf.rollout.hf import HFGenerator
+from saferlhf.rollout.vllm_engine import VLLMGenerator
 from saferlhf.trainers import ppo_lag
 from saferlhf.trainers.common import read_metrics
 from saferlhf.trainers.ppo_lag import Scorer, train_ppo
@@ -65,16 +66,25 @@ def test_a_nan_loss_stops_the_step_before_any_optimizer_step(toy_models, tmp_pat
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def _edit_generations(monkeypatch, edit) -> None:
+    """Let ``edit(generation, pad_id)`` change what either backend returns before the trainer sees it."""
+    for cls in (HFGenerator, VLLMGenerator):
+        original = cls.generate
+
+        def generate(self, prompt_ids, prompt_mask, sampling, _original=original):
+            gen = _original(self, prompt_ids, prompt_mask, sampling)
+            edit(gen, self.tokenizer.pad_token_id)
+            return gen
+
+        monkeypatch.setattr(cls, "generate", generate)
+
+
 def test_empty_generations_are_scored_and_trained_on_without_index_errors(toy_models, tmp_path, monkeypatch):
-    original = HFGenerator.generate
-
-    def some_empty(self, prompt_ids, prompt_mask, sampling):
-        gen = original(self, prompt_ids, prompt_mask, sampling)
+    def some_empty(gen, pad):
         gen.response_mask[::2] = 0  # every other response: no token at all
-        gen.response_ids[::2] = self.tokenizer.pad_token_id
-        return gen
+        gen.response_ids[::2] = pad
 
-    monkeypatch.setattr(HFGenerator, "generate", some_empty)
+    _edit_generations(monkeypatch, some_empty)
     final = train_ppo(_cfg(toy_models, tmp_path / "run", "run.max_steps=2"))
     assert final["train/empty_rate"] == pytest.approx(0.5)
     for key in ("train/reward", "train/cost", "train/kl", "train/actor_loss", "train/reward_critic_loss",
@@ -83,15 +93,11 @@ def test_empty_generations_are_scored_and_trained_on_without_index_errors(toy_mo
 
 
 def test_all_empty_generations_still_complete_the_step(toy_models, tmp_path, monkeypatch):
-    original = HFGenerator.generate
-
-    def all_empty(self, prompt_ids, prompt_mask, sampling):
-        gen = original(self, prompt_ids, prompt_mask, sampling)
+    def all_empty(gen, pad):
         gen.response_mask.zero_()
-        gen.response_ids.fill_(self.tokenizer.pad_token_id)
-        return gen
+        gen.response_ids.fill_(pad)
 
-    monkeypatch.setattr(HFGenerator, "generate", all_empty)
+    _edit_generations(monkeypatch, all_empty)
     final = train_ppo(_cfg(toy_models, tmp_path / "run"))
     assert final["train/empty_rate"] == 1.0
     assert final["train/response_length"] == 0.0

@@ -232,6 +232,12 @@ class PPOLagTrainer:
     # -- the loop ---------------------------------------------------------------------------------
 
     def train(self) -> dict[str, float]:
+        try:
+            return self._train()
+        finally:
+            self.close()  # also when a step raised: the generation engine must not outlive the run
+
+    def _train(self) -> dict[str, float]:
         cfg, run = self.cfg, self.run
         if cfg.run.resume:
             self.resume()
@@ -482,8 +488,4 @@ class PPOLagTrainer:
 
 
 def train_ppo(cfg: Config) -> dict[str, float]:
-    trainer = PPOLagTrainer(cfg)
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()  # also when a step raised: the engine must not outlive the run
+    return PPOLagTrainer(cfg).train()
