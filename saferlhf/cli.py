@@ -13,6 +13,8 @@
                                                         interactive, streaming; two models answer as [A] and [B]
     saferlhf bench memory --model NAME [--zero-stage N] [--world-size N] [--micro-batch N] [--seq-len N] [--json]
                                                         per-GPU memory of a PPO step: does it fit?
+    saferlhf bench step [--model tiny|20m|smollm2] [--nproc N] [--zero-stage N] [--profile] [--memory] [--json]
+                                                        PPO-Lag steps, the original design vs saferlhf
 """
 
 from __future__ import annotations
@@ -93,7 +95,13 @@ def _bench_memory(argv: list[str]) -> int:
     return memory_main(argv)
 
 
-BENCH_COMMANDS = {"memory": _bench_memory}
+def _bench_step(argv: list[str]) -> int:
+    from saferlhf.bench import main as step_main
+
+    return step_main(argv)
+
+
+BENCH_COMMANDS = {"memory": _bench_memory, "step": _bench_step}
 
 
 def run_bench_command(argv: list[str]) -> int:

@@ -47,6 +47,8 @@ class RunConfig:
     tensorboard: bool = _f(True, "write TensorBoard event files to out_dir/tensorboard")
     wandb: bool = _f(False, "also log to Weights & Biases (needs `wandb` installed and logged in)")
     progress: bool = _f(True, "show tqdm progress bars")
+    profile: bool = _f(False, "PPO: torch.profiler trace of rank 0 from step 2 on -> out_dir/profile/")
+    memory_snapshot: bool = _f(False, "PPO on CUDA: record the allocator history -> out_dir/profile/")
 
 
 @dataclass

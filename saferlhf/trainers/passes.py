@@ -42,12 +42,16 @@ def mean_entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float) -
     The entropy needs the whole softmax; in chunks its float32 temporaries stay a few chunks of V
     instead of several copies of the (N, T, V) logits (which at a 128k vocabulary are gigabytes).
     """
-    flat, flat_mask = logits.reshape(-1, logits.shape[-1]), mask.reshape(-1).float()  # (N·T, V), (N·T,)
+    # Chunks are cut from the (N, T, V) tensor itself: ``logits`` is usually a non-contiguous slice of
+    # the model's output, and flattening it whole first would copy all of it.
+    n, t = mask.shape
     total = torch.zeros((), device=logits.device)
-    for start in range(0, flat.shape[0], ENTROPY_CHUNK):
-        rows = slice(start, start + ENTROPY_CHUNK)
-        total += (entropy_from_logits(flat[rows], temperature) * flat_mask[rows]).sum()
-    return total / flat_mask.sum().clamp(min=1.0)
+    seqs = max(1, ENTROPY_CHUNK // max(t, 1))  # whole sequences per chunk
+    for start in range(0, n, seqs):
+        rows = slice(start, start + seqs)
+        chunk = logits[rows].reshape(-1, logits.shape[-1])  # (≤ ENTROPY_CHUNK, V) copy of this chunk only
+        total += (entropy_from_logits(chunk, temperature) * mask[rows].reshape(-1).float()).sum()
+    return total / mask.float().sum().clamp(min=1.0)
 
 
 __all__ = ["ENTROPY_CHUNK", "mean_entropy", "position_ids", "response_logprobs", "response_values"]

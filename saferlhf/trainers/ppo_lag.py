@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +56,7 @@ from saferlhf.trainers.common import (
 )
 from saferlhf.trainers.data import load_splits
 from saferlhf.trainers.passes import mean_entropy, response_logprobs, response_values
+from saferlhf.trainers.phases import PhaseTimer, StepProfiler
 
 MODES = {"ppo_lag": "ppo-lag", "ppo": "ppo", "ppo_rs": "ppo-rs"}
 
@@ -205,6 +205,7 @@ class PPOLagTrainer:
             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, repetition_penalty=cfg.rollout.repetition_penalty,
             n=cfg.rollout.samples_per_prompt)
         self.start_step = 1
+        self.phases = PhaseTimer(device)
         if self.run.dist.rank > 0:
             # Every rank was seeded alike; sampling must differ between ranks (rank 0 keeps run.seed).
             torch.manual_seed(cfg.run.seed + 1_000_003 * self.run.dist.rank)
@@ -246,29 +247,27 @@ class PPOLagTrainer:
         last: dict[str, float] = {}
         if self.engine_backed and self.start_step > 1:
             self.sync_weights()  # the engine started from the initial weights; the actor was restored
+        profiler = StepProfiler(run.out_dir / "profile", run.device, trace=cfg.run.profile,
+                                memory=cfg.run.memory_snapshot) if run.is_main else None
+        profile_from = min(self.start_step + 1, self.total_steps)  # the first step warms up
         for step in range(self.start_step, self.total_steps + 1):
-            timings: dict[str, float] = {}
-            t = time.perf_counter()
-            batch = self.prompts.collate([self.prompts[i] for i in self.prompt_indices(step)])
-            gen = self.generator.generate(batch.input_ids, batch.attention_mask, self.sampling)
-            self.generator.sleep()
-            timings["generate"] = time.perf_counter() - t
+            if profiler is not None and step == profile_from:
+                profiler.start()
+            phases = self.phases
+            with phases("generate"):
+                batch = self.prompts.collate([self.prompts[i] for i in self.prompt_indices(step)])
+                gen = self.generator.generate(batch.input_ids, batch.attention_mask, self.sampling)
+                self.generator.sleep()
             generated = float(gen.response_mask.sum())
-
-            t = time.perf_counter()
-            exp, stats = self.make_experience(gen, step)
-            timings["score"] = time.perf_counter() - t
-
-            t = time.perf_counter()
-            stats.update(self.update(exp, step))
-            timings["learn"] = time.perf_counter() - t
-
+            exp, stats = self.make_experience(gen, step)  # phases "score" and "experience"
+            stats.update(self.update(exp, step))  # phases "actor" and "critics"
             if self.engine_backed:
-                t = time.perf_counter()
-                stats.update(self.sync_weights())
-                timings["sync"] = time.perf_counter() - t
-            stats.update({f"time/{k}": v for k, v in timings.items()})
-            stats["rollout/tokens_per_second"] = generated / max(timings["generate"], 1e-9)
+                with phases("sync"):
+                    stats.update(self.sync_weights())
+            timings = phases.collect()
+            timings["time/learn"] = timings.get("time/actor", 0.0) + timings.get("time/critics", 0.0)
+            stats.update(timings)
+            stats["rollout/tokens_per_second"] = generated / max(timings["time/generate"], 1e-9)
             last = stats
             run.metrics.log(step, stats)
             bar.set_postfix(R=f"{stats['train/reward']:.2f}", C=f"{stats.get('train/cost', 0.0):.2f}",
@@ -277,6 +276,9 @@ class PPOLagTrainer:
             if cfg.run.save_every > 0 and step % cfg.run.save_every == 0 and step != self.total_steps:
                 self.save_checkpoint(step)
         bar.close()
+        if profiler is not None:
+            for path in profiler.finish():
+                logger.info("profile: wrote %s", path)
         self.close()
         self.save_final()
         if run.is_main:
@@ -290,25 +292,33 @@ class PPOLagTrainer:
     @torch.no_grad()
     def make_experience(self, gen: Generation, step: int) -> tuple[Experience, dict[str, float]]:
         """Score a rollout and turn it into advantages and returns (DESIGN.md §3)."""
-        cfg, p, device = self.cfg, self.cfg.ppo, self.run.device
+        cfg, device = self.cfg, self.run.device
         seq = gen.sequences.to(device)  # (N, L)
         attn = gen.attention_mask.to(device)  # (N, L)
         mask = gen.response_mask.to(device).float()  # (N, T)
         plen = gen.prompt_ids.shape[1]
         temperature = cfg.rollout.temperature
         self.actor.eval()
-        logp_old, logits = response_logprobs(self.actor, seq, attn, plen, temperature)  # (N, T), (N, T, V)
-        entropy = mean_entropy(logits, mask, temperature)
-        del logits
-        logp_ref, _ = response_logprobs(self.ref, seq, attn, plen, temperature)  # (N, T)
-        reward = self.reward(seq, attn)  # (N,)
-        cost = self.cost(seq, attn) if self.cost is not None else torch.zeros_like(reward)  # (N,)
-        check_finite("reward score", reward, step)
-        check_finite("cost score", cost, step)
-        values_r = response_values(self.critic_r, seq, attn, plen)  # (N, T)
-        values_c = (response_values(self.critic_c, seq, attn, plen) if self.critic_c is not None
-                    else torch.zeros_like(values_r))
+        with self.phases("score"):
+            logp_old, logits = response_logprobs(self.actor, seq, attn, plen, temperature)  # (N, T), (N, T, V)
+            entropy = mean_entropy(logits, mask, temperature)
+            del logits
+            logp_ref, _ = response_logprobs(self.ref, seq, attn, plen, temperature)  # (N, T)
+            reward = self.reward(seq, attn)  # (N,)
+            cost = self.cost(seq, attn) if self.cost is not None else torch.zeros_like(reward)  # (N,)
+            check_finite("reward score", reward, step)
+            check_finite("cost score", cost, step)
+            values_r = response_values(self.critic_r, seq, attn, plen)  # (N, T)
+            values_c = (response_values(self.critic_c, seq, attn, plen) if self.critic_c is not None
+                        else torch.zeros_like(values_r))
+        with self.phases("experience"):
+            return self._advantages(step, seq, attn, plen, mask, logp_old, logp_ref, reward, cost, values_r,
+                                    values_c, entropy)
 
+    def _advantages(self, step, seq, attn, plen, mask, logp_old, logp_ref, reward, cost, values_r, values_c,
+                    entropy) -> tuple[Experience, dict[str, float]]:
+        """λ update, KL shaping and both GAEs of a scored rollout (the ``experience`` phase)."""
+        p, device = self.cfg.ppo, self.run.device
         lam = torch.zeros((), device=device)
         stats: dict[str, float] = {}
         if self.mode == "ppo_lag":
@@ -352,35 +362,10 @@ class PPOLagTrainer:
             order = torch.randperm(n, generator=g)
             for start in range(0, n - p.mini_batch_size + 1, p.mini_batch_size):
                 idx = order[start : start + p.mini_batch_size].to(exp.sequences.device)
-                seq, attn, mask = exp.sequences[idx], exp.attention_mask[idx], exp.mask[idx]
-                logp, _ = response_logprobs(self.actor, seq, attn, exp.prompt_len, cfg.rollout.temperature)
-                pl = policy_loss(logp, exp.logp_old[idx], exp.adv[idx], mask, p.clip_ratio)
-                loss = pl.loss
-                metrics = {"actor_loss": pl.loss.detach(), "actor_clip_fraction": pl.clip_fraction,
-                           "approx_kl": pl.approx_kl}
-                if self.ptx is not None and p.ptx_coeff > 0:
-                    ptx = self.ptx.collate([self.ptx[i] for i in self.ptx_indices(step, update)])
-                    ptx_logits = self.actor(input_ids=ptx.input_ids.to(seq.device),
-                                            attention_mask=ptx.attention_mask.to(seq.device)).logits
-                    ptx_loss = sft_loss(ptx_logits, ptx.labels.to(seq.device))
-                    loss = loss + p.ptx_coeff * ptx_loss
-                    metrics["ptx_loss"] = ptx_loss.detach()
-                check_finite("actor loss", loss.detach(), step)
-                self.actor.backward(loss)
-                self.actor.step()
-                for name, critic, values_old, returns in (
-                    ("reward_critic", self.critic_r, exp.values_r, exp.ret_r),
-                    ("cost_critic", self.critic_c, exp.values_c, exp.ret_c),
-                ):
-                    if critic is None:
-                        continue
-                    values = response_values(critic, seq, attn, exp.prompt_len)
-                    vl = value_loss(values, values_old[idx], returns[idx], mask, p.clip_value)
-                    check_finite(f"{name} loss", vl.loss.detach(), step)
-                    critic.backward(vl.loss)
-                    critic.step()
-                    metrics[f"{name}_loss"] = vl.loss.detach()
-                    metrics[f"{name}_clip_fraction"] = vl.clip_fraction
+                with self.phases("actor"):
+                    metrics = self._actor_step(exp, idx, step, update)
+                with self.phases("critics"):
+                    metrics.update(self._critic_steps(exp, idx, step))
                 for key, value in metrics.items():
                     sums.setdefault(key, []).append(value.detach().float().reshape(()))
                 update += 1
@@ -391,6 +376,47 @@ class PPOLagTrainer:
         out = {f"train/{k}": v for k, v in zip(keys, distributed.all_reduce_mean(means).tolist())}
         out["train/actor_lr"] = self.actor.get_lr()[0]
         return out
+
+    def _actor_step(self, exp: Experience, idx: torch.Tensor, step: int, update: int) -> dict[str, torch.Tensor]:
+        """One clipped-policy-loss step of the actor on mini-batch ``idx`` (+ PTX when configured)."""
+        cfg, p = self.cfg, self.cfg.ppo
+        seq, attn, mask = exp.sequences[idx], exp.attention_mask[idx], exp.mask[idx]
+        logp, _ = response_logprobs(self.actor, seq, attn, exp.prompt_len, cfg.rollout.temperature)
+        pl = policy_loss(logp, exp.logp_old[idx], exp.adv[idx], mask, p.clip_ratio)
+        loss = pl.loss
+        metrics = {"actor_loss": pl.loss.detach(), "actor_clip_fraction": pl.clip_fraction,
+                   "approx_kl": pl.approx_kl}
+        if self.ptx is not None and p.ptx_coeff > 0:
+            ptx = self.ptx.collate([self.ptx[i] for i in self.ptx_indices(step, update)])
+            ptx_logits = self.actor(input_ids=ptx.input_ids.to(seq.device),
+                                    attention_mask=ptx.attention_mask.to(seq.device)).logits
+            ptx_loss = sft_loss(ptx_logits, ptx.labels.to(seq.device))
+            loss = loss + p.ptx_coeff * ptx_loss
+            metrics["ptx_loss"] = ptx_loss.detach()
+        check_finite("actor loss", loss.detach(), step)
+        self.actor.backward(loss)
+        self.actor.step()
+        return metrics
+
+    def _critic_steps(self, exp: Experience, idx: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """One clipped-value-loss step of each critic on mini-batch ``idx``."""
+        p = self.cfg.ppo
+        seq, attn, mask = exp.sequences[idx], exp.attention_mask[idx], exp.mask[idx]
+        metrics = {}
+        for name, critic, values_old, returns in (
+            ("reward_critic", self.critic_r, exp.values_r, exp.ret_r),
+            ("cost_critic", self.critic_c, exp.values_c, exp.ret_c),
+        ):
+            if critic is None:
+                continue
+            values = response_values(critic, seq, attn, exp.prompt_len)
+            vl = value_loss(values, values_old[idx], returns[idx], mask, p.clip_value)
+            check_finite(f"{name} loss", vl.loss.detach(), step)
+            critic.backward(vl.loss)
+            critic.step()
+            metrics[f"{name}_loss"] = vl.loss.detach()
+            metrics[f"{name}_clip_fraction"] = vl.clip_fraction
+        return metrics
 
     # -- checkpoints ------------------------------------------------------------------------------
 
