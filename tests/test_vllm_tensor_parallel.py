@@ -1,0 +1,30 @@
+"""One vLLM engine spanning two ranks (tensor parallelism through vLLM's external_launcher, gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO, _free_port, cli_env
+
+from saferlhf.rollout.vllm_engine import vllm_available
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
+def test_tensor_parallel_engine_serves_each_rank_its_own_prompts_and_takes_synced_weights(toy_models):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(REPO / "tests" / "workers" / "vllm_tensor_parallel.py"), str(toy_models.sft)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(2), timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
+                   key=lambda r: r["rank"])
+    assert [r["rank"] for r in lines] == [0, 1]
+    assert [r["rows"] for r in lines] == [2, 1]  # each rank gets the rows of its own prompts back
+    for r in lines:
+        assert r["matches_hf"], r  # greedy tokens of the TP=2 engine equal the HF model's
+        assert not (r["stale"][0] and r["stale"][1] < 1e-4), r  # new weights, not yet pushed: differs
+        assert r["synced"][0] and r["synced"][1] <= 1e-4, r  # after the push: matches again
