@@ -143,7 +143,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     lines = [f"{'phase':22} {'baseline s':>11} {'saferlhf s':>11} {'speedup':>8}", "-" * 55]
     for phase in (*PHASES, "step"):
         b, o = base[phase], ours[phase]
-        ratio = f"{b / o:7.2f}x" if o > 0 else "      -"
+        ratio = f"{b / o:7.2f}x" if o > 0 and b > 0 else "      -"
         lines.append(f"{phase:22} {b:11.3f} {o:11.3f} {ratio}")
     lines.append(f"{'generation tokens/s':22} {base['tokens_per_second']:11.1f} {ours['tokens_per_second']:11.1f} "
                  f"{ours['tokens_per_second'] / base['tokens_per_second']:7.2f}x")
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(results))
         report["speedup"] = results["baseline"]["step"] / results["saferlhf"]["step"]
         report["ratio"] = {p: results["baseline"][p] / results["saferlhf"][p]
-                           for p in (*PHASES, "step") if results["saferlhf"][p] > 0}
+                           for p in (*PHASES, "step") if results["saferlhf"][p] > 0 and results["baseline"][p] > 0}
         print(f"\noverall speedup (baseline step time / saferlhf step time): {report['speedup']:.2f}x")
     if args.profile:
         for name in configs:

@@ -62,6 +62,7 @@ def test_bench_step_runs_both_configurations_and_profiles_them(tmp_path):
         top = (out / name / "profile" / "top_ops.md").read_text()
         for phase in ("generate", "score", "actor", "critics"):
             assert f"## {phase}" in top, (name, phase)
+        assert (out / name / "profile" / "phases.png").stat().st_size > 0
         trace = json.loads((out / name / "profile" / "trace.json").read_text())
         assert any(e.get("name") == "phase/score" for e in trace["traceEvents"])
     assert report["baseline"]["sync"] == 0.0 and report["saferlhf"]["sync"] > 0  # only the engine needs a push

@@ -98,9 +98,10 @@ class VLLMGenerator:
     """Generation on a vLLM engine started from ``model_path``; weights replaced after each update.
 
     ``spec`` describes the actor's parameters (:meth:`WeightSpec.of`); every push is checked against it.
+    Without one the engine only generates (e.g. sampling a saved policy) and refuses pushes.
     """
 
-    def __init__(self, model_path: str, tokenizer, spec: WeightSpec, *, dtype: str = "float32",
+    def __init__(self, model_path: str, tokenizer, spec: WeightSpec | None = None, *, dtype: str = "float32",
                  max_model_len: int = 1024, kv_cache_mb: int = 256, seed: int = 0, tensor_parallel_size: int = 1,
                  enable_sleep: bool = False, sync_method: str = "auto") -> None:
         if sync_method not in ("auto", "reload", "load_weights"):
@@ -260,6 +261,8 @@ class VLLMGenerator:
 
     def _push(self, buckets: Iterable[Bucket]) -> SyncStats:
         """Send ``buckets``; on any failure restore a consistent engine, then raise WeightSyncError."""
+        if self.spec is None:
+            raise WeightSyncError("this engine was started without a WeightSpec: it cannot take weight pushes")
         t = time.perf_counter()
         sent: list[str] = []
         kept: list[Bucket] = []

@@ -9,7 +9,8 @@ own, and on CUDA records the peak memory allocated inside the phase. Each phase 
 
 With ``run.profile`` the trainer profiles rank 0 from the second step on (the first one warms up
 compilation, caches and the generation engine) and writes ``profile/trace.json`` (Chrome trace: open
-it in https://ui.perfetto.dev or chrome://tracing) and ``profile/top_ops.md`` into the run directory;
+it in https://ui.perfetto.dev or chrome://tracing), ``profile/top_ops.md`` and ``profile/phases.png``
+(the phases of each profiled step on a time line) into the run directory;
 ``run.memory_snapshot`` (CUDA) records the allocator's history and writes
 ``profile/memory_snapshot.pickle`` (drag it into https://pytorch.org/memory_viz).
 """
@@ -95,6 +96,37 @@ def format_top_ops(top: dict[str, list[tuple[str, float, int]]]) -> str:
     return "\n".join(lines)
 
 
+def plot_phase_timeline(events, path: Path) -> Path | None:
+    """A picture of the trace: one row per phase, a bar for every time the phase ran (rank 0)."""
+    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for e in events:
+        if e.name.startswith("phase/"):
+            spans[e.name.removeprefix("phase/")].append((e.time_range.start / 1e6, e.time_range.elapsed_us() / 1e6))
+    if not spans:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t0 = min(start for bars in spans.values() for start, _ in bars)
+    order = [p for p in ("generate", "score", "experience", "actor", "critics", "sync") if p in spans]
+    order += sorted(set(spans) - set(order))
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(order) + 1.2))
+    for row, phase in enumerate(order):
+        ax.broken_barh([(start - t0, length) for start, length in spans[phase]], (row - 0.4, 0.8),
+                       color=f"C{row}")
+    ax.set_yticks(range(len(order)), order)
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the first profiled step")
+    ax.set_title("PPO-Lagrangian steps by phase (rank 0)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 class StepProfiler:
     """torch.profiler over the steps of a run (rank 0), written out by :meth:`finish`."""
 
@@ -125,8 +157,12 @@ class StepProfiler:
             trace = self.out_dir / "trace.json"
             self.profiler.export_chrome_trace(str(trace))
             table = self.out_dir / "top_ops.md"
-            table.write_text(format_top_ops(top_ops_by_phase(self.profiler.events())))
+            events = self.profiler.events()
+            table.write_text(format_top_ops(top_ops_by_phase(events)))
             written += [trace, table]
+            picture = plot_phase_timeline(events, self.out_dir / "phases.png")
+            if picture is not None:
+                written.append(picture)
             self.profiler = None
         if self.memory and self.started:
             snapshot = self.out_dir / "memory_snapshot.pickle"

@@ -1,0 +1,819 @@
+"""One Safe RLHF round, resumable stage by stage: ``saferlhf round``.
+
+The paper's results come from three rounds. Each round red-teams the current policy, collects
+decoupled helpfulness and harmlessness labels on its answers, retrains the reward and cost models on
+all the preference data so far (from the SFT model), and runs PPO-Lagrangian again from the current
+policy. `run_round` runs one round as six stages, each writing into ``DIR/<stage>/``:
+
+1. ``prompts``  — the red-team prompt set: the given prompt sets (dataset specs or files; default:
+   the preset's PPO prompts), plus every prompt on which the previous round's policy was judged
+   unsafe (its report's ``eval/responses.jsonl``: toy-world ground truth where there is one, else
+   cost > 0). ``prompts.jsonl``; each row's ``prompt_source`` says where it came from.
+2. ``samples``  — two sampled responses per prompt from the current policy (vLLM where it imports,
+   else transformers ``generate``; ``rollout.backend`` chooses as in PPO). A pair whose responses are
+   identical or empty is sampled once more; pairs still unusable are dropped and counted.
+   ``pairs.jsonl``.
+3. ``labels``   — PKU-SafeRLHF preference rows for the pairs, ``preferences.jsonl``, from one source:
+   ``toy`` (the toy world's ground truth; pairs it cannot order — equal helpfulness or equal risk —
+   are skipped and counted), ``judge`` (an LLM judge, `saferlhf.judge.JudgeClient`) or ``annotate``
+   (people: the stage exports ``annotation.jsonl`` + ``sheet.csv`` and stops with
+   `AwaitingAnnotation`; run the same command again with ``sheet=`` the filled-in sheet).
+4. ``models``   — reward model (``models/rm``) and cost model (``models/cm``) retrained from the SFT
+   model on the preset's base preference data + every earlier round's preference files + this
+   round's.
+5. ``ppo_lag``  — PPO-Lagrangian from the current policy with the new reward and cost models, on the
+   round's prompts (``ppo_prompts="preset"``: the preset's). The stage directory is the PPO run
+   directory; the new policy is ``ppo_lag/model``.
+6. ``eval``     — the new policy answers the round's prompts and is scored by the new reward and cost
+   models (`saferlhf.evaluate.evaluate.evaluate`, ``eval/``); on toy-world prompts the ground truth
+   of the policy before and after the round on held-out toy prompts (`pipeline.evaluate_policy`).
+
+Every stage ends by writing ``stats.json`` and then the marker ``DONE`` (atomically, last). A run
+skips the stages that are done and redoes the first one that is not from scratch (its directory is
+emptied; the annotation export is kept), and every stage after it. The arguments of the first run
+are kept in ``DIR/round.json``; running again with different ones is an error (``sheet`` and
+``until`` may differ). At the end ``DIR/report.json`` and ``DIR/report.md`` hold the numbers of
+every stage and, given the previous round's report, the round-over-round comparison.
+``report.json`` lists every preference file used so far (``preference_data``), so the next round,
+given this report, trains on them too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from saferlhf.config import build_config, parse_overrides, resolve_preset
+
+STAGES = ("prompts", "samples", "labels", "models", "ppo_lag", "eval")
+LABEL_SOURCES = ("toy", "judge", "annotate")
+PPO_PROMPTS = ("round", "preset")
+DONE = "DONE"
+ARGUMENTS_FILE = "round.json"
+EVAL_PROMPTS = 256  # held-out toy prompts of the ground-truth evaluation (as `saferlhf demo`)
+# Config keys the round sets per stage; an override of one would point every stage at the same place.
+ROUND_KEYS = ("run.out_dir", "model.name_or_path", "data.train", "ppo.reward_model", "ppo.cost_model")
+# Files of the annotation export that survive a redo of the labels stage (annotators may be filling them).
+ANNOTATION_FILES = ("annotation.jsonl", "sheet.csv")
+
+
+class RoundError(ValueError):
+    """Arguments or inputs a round cannot run with; the message says what to change."""
+
+
+class AwaitingAnnotation(Exception):
+    """The labels stage exported a sheet for people to fill in; run the round again with it."""
+
+    def __init__(self, message: str, sheet: Path):
+        super().__init__(message)
+        self.sheet = sheet
+
+
+@dataclass
+class RoundArgs:
+    """The arguments that define a round (saved as ``round.json``; a resumed run must repeat them)."""
+
+    round: int
+    policy: str
+    sft: str
+    prompts: list[str]
+    previous_data: list[str]
+    labels: str
+    judge_url: str | None
+    judge_model: str | None
+    preset: str
+    overrides: list[str]
+    previous_report: str | None
+    eval_prompts: int
+    ppo_prompts: str
+
+
+@dataclass
+class RoundResult:
+    round_dir: Path
+    report: dict
+    ran: list[str] = field(default_factory=list)  # stages run by this call
+    skipped: list[str] = field(default_factory=list)  # stages found done
+
+
+# ---------------------------------------------------------------------------------------------
+# Small file helpers
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _mark_done(stage_dir: Path, seconds: float) -> None:
+    """Write ``DONE`` last and atomically: a stage is done exactly when the marker exists whole."""
+    tmp = stage_dir / f".{DONE}.tmp"
+    tmp.write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 3)}) + "\n")
+    os.replace(tmp, stage_dir / DONE)
+
+
+def _clear(stage_dir: Path, keep: Sequence[str] = ()) -> None:
+    """Empty a stage directory for a redo from scratch, keeping the named files."""
+    if stage_dir.exists():
+        for entry in stage_dir.iterdir():
+            if entry.name in keep:
+                continue
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    stage_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _file_spec(label: str, path: Path, proportion: str = "1") -> str:
+    """A dataset spec for a local file; ``NAME:PROPORTION:PATH`` keeps any ':' in the path intact."""
+    return f"{label}:{proportion}:{path}"
+
+
+def _load_report(path: str | Path) -> tuple[dict, Path]:
+    """A round's ``report.json`` (given as the file or its round directory) and that directory."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    if not p.is_file():
+        raise RoundError(f"previous report {path}: no such file (expected a round's report.json or its directory)")
+    try:
+        report = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise RoundError(f"previous report {p}: not valid JSON ({e})") from None
+    if not isinstance(report, dict) or "files" not in report:
+        raise RoundError(f"previous report {p}: not a report.json of `saferlhf round`")
+    return report, p.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# The round's context: arguments, configs, logging
+
+
+@dataclass
+class _Round:
+    dir: Path
+    args: RoundArgs
+    preset_path: Path
+    sheet: Path | None
+    log: Callable[[str], None]
+    previous: dict | None = None  # the previous round's report
+    previous_dir: Path | None = None
+
+    def config(self, stage: str, out_dir: Path, model: str, *round_keys: str):
+        """A stage's config: preset → the user's overrides → the keys the round sets (which win)."""
+        keys = [f"run.out_dir={out_dir}", f"model.name_or_path={model}", *round_keys]
+        return build_config(stage, self.preset_path, [*self.args.overrides, *keys])
+
+    @property
+    def name(self) -> str:
+        return f"round {self.args.round}"
+
+    def path(self, relative: str) -> Path:
+        return self.dir / relative
+
+
+def _data_list(specs: Sequence[str]) -> str:
+    """A ``data.train=[...]`` override value (JSON is YAML)."""
+    return json.dumps(list(specs))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: prompts
+
+
+def _unsafe_prompts(report: dict, report_dir: Path) -> tuple[list[str], dict]:
+    """Unique prompts on which the reported policy gave an unsafe answer, in order of appearance.
+
+    Unsafe: the toy world's ground truth (``harmful``) where the record has it, else cost > 0 (the
+    cost model's sign convention).
+    """
+    responses = report["files"].get("responses")
+    path = report_dir / responses if responses else None
+    if path is None or not path.is_file():
+        raise RoundError(f"previous report in {report_dir}: its responses file ({responses}) is missing; "
+                         "the previous round must have finished its eval stage")
+    unsafe: dict[str, None] = {}
+    judged_by = Counter()
+    records = _read_jsonl(path)
+    for r in records:
+        if r.get("harmful") is not None:
+            judged_by["ground_truth"] += 1
+            bad = bool(r["harmful"])
+        elif r.get("cost") is not None:
+            judged_by["cost_model"] += 1
+            bad = r["cost"] > 0
+        else:
+            judged_by["unjudged"] += 1
+            continue
+        if bad:
+            unsafe.setdefault(r["prompt"], None)
+    return list(unsafe), {"responses": len(records), "judged_by": dict(judged_by)}
+
+
+def stage_prompts(rnd: _Round, out: Path) -> dict:
+    from saferlhf.data.registry import mix_datasets
+    from saferlhf.data.schema import validate_rows
+
+    ppo_cfg = rnd.config("ppo_lag", out, rnd.args.policy)
+    seed = ppo_cfg.run.seed + rnd.args.round
+    specs = rnd.args.prompts or list(ppo_cfg.data.train)
+    rows, per_spec = [], {}
+    for spec in specs:
+        taken = mix_datasets([spec], "prompt", seed=seed).rows
+        rows += [{"prompt": r["prompt"], "prompt_source": spec} for r in taken]
+        per_spec[spec] = len(taken)
+    carried, carry_stats = [], {}
+    if rnd.previous is not None:
+        carried, carry_stats = _unsafe_prompts(rnd.previous, rnd.previous_dir)
+        source = f"round-{rnd.previous.get('round', rnd.args.round - 1)}-unsafe"
+        rows += [{"prompt": p, "prompt_source": source} for p in carried]
+    if not rows:
+        raise RoundError("no prompts: give --prompts, or a previous report with unsafe prompts")
+    report = validate_rows(rows, "prompt", source="red-team prompts")
+    report.raise_if_errors()
+    _write_jsonl(out / "prompts.jsonl", report.rows)
+    toy = _is_toy([r["prompt"] for r in rows])
+    return {"n_prompts": len(rows), "n_unique": len({r["prompt"] for r in rows}), "given": per_spec,
+            "carried_over": len(carried), "previous_responses": carry_stats, "toy_world": toy,
+            "summary": f"{len(rows)} prompts ({len(rows) - len(carried)} given, {len(carried)} unsafe ones "
+                       f"carried over from the previous round)"}
+
+
+def _is_toy(prompts: Sequence[str]) -> bool:
+    from saferlhf.evaluate.evaluate import is_toy_prompt_set
+
+    return is_toy_prompt_set(prompts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: samples
+
+
+class _Sampler:
+    """Two responses per prompt from the policy: a vLLM engine, or transformers ``generate``."""
+
+    def __init__(self, cfg, policy: str):
+        import torch
+
+        from saferlhf.models.hf import load_causal_lm, load_tokenizer
+        from saferlhf.rollout import resolve_backend
+
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(policy, padding_side="left")
+        self.backend = resolve_backend(cfg.rollout.backend)
+        self.model = None
+        if self.backend == "vllm":
+            from saferlhf.rollout.vllm_engine import VLLMGenerator
+
+            # Generation only (no weight spec): the engine never takes pushed weights.
+            self.generator = VLLMGenerator(
+                policy, self.tokenizer, None, dtype=cfg.model.dtype,
+                max_model_len=cfg.model.max_length + cfg.rollout.max_new_tokens, kv_cache_mb=cfg.rollout.kv_cache_mb,
+                seed=cfg.run.seed)
+            self.batch_size = 256
+        else:
+            from saferlhf.rollout.hf import HFGenerator
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.model = load_causal_lm(policy, dtype=cfg.model.dtype, tokenizer=self.tokenizer).to(device).eval()
+            self.generator = HFGenerator(self.model, self.tokenizer, synced_gpus=False)
+            self.batch_size = 32
+
+    def pairs(self, prompts: list[str], seed: int, desc: str) -> list[tuple[str, str]]:
+        from saferlhf.evaluate.generation import generate_responses
+        from saferlhf.rollout.base import SamplingParams
+        from saferlhf.trainers.common import progress
+
+        cfg = self.cfg
+        out: list[tuple[str, str]] = []
+        starts = range(0, len(prompts), self.batch_size)
+        for b, start in enumerate(progress(starts, desc=desc, enabled=cfg.run.progress)):
+            # A seed per batch: batches do not repeat each other's random draws.
+            sampling = SamplingParams(n=2, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                      max_new_tokens=cfg.rollout.max_new_tokens, seed=seed + b)
+            texts = generate_responses(self.model, self.tokenizer, prompts[start:start + self.batch_size], sampling,
+                                       batch_size=self.batch_size, max_length=cfg.model.max_length,
+                                       chat_template=cfg.model.chat_template, generator=self.generator)
+            out += list(zip(texts[0::2], texts[1::2]))  # rows i·n + j: sample j of prompt i
+        return out
+
+    def close(self) -> None:
+        if self.backend == "vllm":
+            self.generator.shutdown()  # one engine per process: PPO starts its own later
+
+
+def _unusable(pair: tuple[str, str]) -> str | None:
+    if not pair[0].strip() or not pair[1].strip():
+        return "empty"
+    if pair[0] == pair[1]:
+        return "identical"
+    return None
+
+
+def stage_samples(rnd: _Round, out: Path) -> dict:
+    from saferlhf.data.toyworld import evaluate_responses
+
+    cfg = rnd.config("ppo_lag", out, rnd.args.policy)
+    rows = _read_jsonl(rnd.path("prompts/prompts.jsonl"))
+    prompts = [r["prompt"] for r in rows]
+    seed = cfg.run.seed + 1009 * rnd.args.round
+    sampler = _Sampler(cfg, rnd.args.policy)
+    try:
+        pairs = sampler.pairs(prompts, seed, "samples")
+        retry = [i for i, pair in enumerate(pairs) if _unusable(pair)]
+        if retry:  # sampled once more, with other seeds
+            again = sampler.pairs([prompts[i] for i in retry], seed + 1_000_003, "resample")
+            for i, pair in zip(retry, again):
+                pairs[i] = pair
+    finally:
+        sampler.close()
+    dropped = Counter()
+    kept = []
+    for row, pair in zip(rows, pairs):
+        reason = _unusable(pair)
+        if reason:
+            dropped[reason] += 1
+            continue
+        source = f"round-{rnd.args.round}-policy"
+        kept.append({"prompt": row["prompt"], "response_0": pair[0], "response_1": pair[1],
+                     "prompt_source": row["prompt_source"], "response_0_source": source,
+                     "response_1_source": source})
+    if not kept:
+        raise RoundError(f"samples: none of the {len(rows)} prompts got two different non-empty responses "
+                         f"({dict(dropped)}); check the policy and rollout.max_new_tokens")
+    _write_jsonl(out / "pairs.jsonl", kept)
+    stats = {"backend": sampler.backend, "n_prompts": len(rows), "n_pairs": len(kept), "resampled": len(retry),
+             "dropped": dict(dropped), "max_new_tokens": cfg.rollout.max_new_tokens,
+             "temperature": cfg.rollout.temperature}
+    if _is_toy(prompts):  # the policy *before* the round, on the round's prompts
+        stats["ground_truth"] = evaluate_responses([p for p in prompts for _ in range(2)],
+                                                   [t for pair in pairs for t in pair])
+    note = f", {sum(dropped.values())} dropped ({', '.join(f'{n} {k}' for k, n in dropped.items())})" if dropped else ""
+    stats["summary"] = (f"{len(kept)} pairs from {len(rows)} prompts with {sampler.backend}; {len(retry)} "
+                        f"resampled{note}")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: labels
+
+
+def _toy_risk(s) -> tuple[int, int, bool]:
+    """Order of harmlessness, as the toy world's preference data orders it: severity, then harmful
+    steps, then a refusal before anything else (lower is safer)."""
+    return (s.severity, s.harmful_steps, not s.is_refusal)
+
+
+def toy_label(prompt: str, response_0: str, response_1: str) -> tuple[dict | None, str | None]:
+    """A preference row labelled by the toy world's ground truth, or (None, why it cannot be ordered)."""
+    from saferlhf.data.toyworld import HARM_CATEGORIES, score
+
+    s = score(prompt, response_0), score(prompt, response_1)
+    if abs(s[0].helpfulness - s[1].helpfulness) <= 1e-9:
+        return None, "equal helpfulness"
+    risk = _toy_risk(s[0]), _toy_risk(s[1])
+    if risk[0] == risk[1]:
+        return None, "equal risk"
+    row = {"better_response_id": int(s[1].helpfulness > s[0].helpfulness), "safer_response_id": int(risk[1] < risk[0])}
+    for i in (0, 1):
+        row[f"is_response_{i}_safe"] = not s[i].harm
+        row[f"response_{i}_harm_category"] = {c: c in s[i].harm_categories for c in HARM_CATEGORIES}
+        row[f"response_{i}_severity_level"] = s[i].severity
+    return row, None
+
+
+def _labels_toy(rnd: _Round, pairs: list[dict]) -> tuple[list[dict], dict]:
+    if not _is_toy([p["prompt"] for p in pairs]):
+        raise RoundError("labels=toy needs toy-world prompts (the ground truth knows no other requests); "
+                         "use labels=judge or labels=annotate")
+    rows, skipped = [], Counter()
+    for pair in pairs:
+        labels, why = toy_label(pair["prompt"], pair["response_0"], pair["response_1"])
+        if labels is None:
+            skipped[why] += 1
+        else:
+            rows.append({**pair, **labels})
+    return rows, {"skipped": dict(skipped)}
+
+
+def _labels_judge(rnd: _Round, pairs: list[dict], progress_enabled: bool) -> tuple[list[dict], dict]:
+    from saferlhf.judge import JudgeClient
+    from saferlhf.trainers.common import progress
+
+    client = JudgeClient(rnd.args.judge_url, rnd.args.judge_model)
+    rows = []
+    for pair in progress(pairs, desc="judge", enabled=progress_enabled):
+        judged = client.judge_pair(pair["prompt"], pair["response_0"], pair["response_1"])
+        rows.append({**pair, **judged})
+    return rows, {"judge": {"url": rnd.args.judge_url, "model": rnd.args.judge_model, **dict(client.stats)}}
+
+
+def _labels_annotate(rnd: _Round, out: Path, pairs: list[dict]) -> tuple[list[dict], dict]:
+    from saferlhf.annotate import export_for_annotation, import_annotations, pair_id
+
+    export, sheet = out / ANNOTATION_FILES[0], out / ANNOTATION_FILES[1]
+    ids = [pair_id(p["prompt"], p["response_0"], p["response_1"]) for p in pairs]
+    exported = [r["id"] for r in _read_jsonl(export)] if export.is_file() else None
+    if exported != ids:  # a first run, or the pairs were sampled again: (re)export
+        export_for_annotation([{"id": i, **p} for i, p in zip(ids, pairs)], export, sheet)
+    if rnd.sheet is None:
+        raise AwaitingAnnotation(
+            f"{rnd.name}: {len(pairs)} pairs to label. Fill in the label columns of {sheet} (better_response_id "
+            "and safer_response_id: 0 or 1; is_response_0_safe and is_response_1_safe: true or false), then run "
+            "the same command again with --sheet FILLED.csv (the filled-in copy, or this file).", sheet)
+    rows = import_annotations(rnd.sheet, export)  # AnnotationError lists every problem
+    return rows, {"sheet": str(rnd.sheet)}
+
+
+def stage_labels(rnd: _Round, out: Path) -> dict:
+    from saferlhf.data.schema import validate_rows
+
+    pairs = _read_jsonl(rnd.path("samples/pairs.jsonl"))
+    source = rnd.args.labels
+    progress_enabled = rnd.config("rm", out, rnd.args.sft).run.progress
+    if source == "toy":
+        rows, extra = _labels_toy(rnd, pairs)
+    elif source == "judge":
+        rows, extra = _labels_judge(rnd, pairs, progress_enabled)
+    else:
+        rows, extra = _labels_annotate(rnd, out, pairs)
+    stats = {"source": source, "n_pairs": len(pairs), **extra}
+    if rows:
+        report = validate_rows(rows, "preference", source="round labels")
+        report.raise_if_errors()
+        rows = report.rows
+        stats["skipped"] = {**stats.get("skipped", {}), **dict(report.skipped)}
+    _write_jsonl(out / "preferences.jsonl", rows)
+    stats.update(n_rows=len(rows), n_better_0=sum(r["better_response_id"] == 0 for r in rows),
+                 n_unsafe_responses=sum((not r["is_response_0_safe"]) + (not r["is_response_1_safe"]) for r in rows),
+                 n_both_safe=sum(r["is_response_0_safe"] and r["is_response_1_safe"] for r in rows))
+    skipped = stats.get("skipped") or {}
+    note = f", {sum(skipped.values())} skipped ({', '.join(f'{n} {k}' for k, n in skipped.items())})" if skipped else ""
+    stats["summary"] = (f"{len(rows)} preference rows from {len(pairs)} pairs ({source}){note}; "
+                        f"{stats['n_unsafe_responses']} unsafe responses")
+    if not rows:
+        rnd.log(f"{rnd.name}: warning: no preference rows this round; the models train on earlier data only")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 4: models
+
+
+def preference_files(rnd: _Round) -> list[str]:
+    """Every earlier preference file (the previous report's, then ``previous_data``) plus this round's."""
+    files: list[str] = []
+    if rnd.previous is not None:
+        files += rnd.previous.get("preference_data", [])
+    files += rnd.args.previous_data
+    own = rnd.path("labels/preferences.jsonl").resolve()
+    if own.is_file() and own.stat().st_size > 0:
+        files.append(str(own))
+    unique: dict[str, None] = {}
+    for f in files:
+        unique.setdefault(f, None)
+    return list(unique)
+
+
+def _data_spec(item: str, index: int) -> str:
+    """A file becomes ``round-data-N:1:PATH``; anything else is a dataset spec already."""
+    return _file_spec(f"round-data-{index}", Path(item)) if Path(item).is_file() else item
+
+
+def stage_models(rnd: _Round, out: Path) -> dict:
+    from saferlhf.trainers.preference import train_preference
+
+    files = preference_files(rnd)
+    extra = [_data_spec(f, i) for i, f in enumerate(files)]
+    stats: dict = {"sft": rnd.args.sft, "preference_data": files}
+    for name in ("rm", "cm"):
+        base = list(rnd.config(name, out / name, rnd.args.sft).data.train)
+        specs = list(dict.fromkeys(base + extra))
+        cfg = rnd.config(name, out / name, rnd.args.sft, f"data.train={_data_list(specs)}")
+        rnd.log(f"{rnd.name}: training the {'reward' if name == 'rm' else 'cost'} model on {', '.join(specs)}")
+        final = train_preference(cfg)
+        stats[name] = {"data": specs, **{k: v for k, v in final.items() if isinstance(v, (int, float))}}
+    rm, cm = stats["rm"], stats["cm"]
+    stats["summary"] = (f"reward model accuracy {rm.get('eval/accuracy', float('nan')):.3f}, cost model accuracy "
+                        f"{cm.get('eval/accuracy', float('nan')):.3f}, sign accuracy "
+                        f"{cm.get('eval/sign_accuracy', float('nan')):.3f} (held out)")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 5: ppo_lag
+
+
+def stage_ppo_lag(rnd: _Round, out: Path) -> dict:
+    from saferlhf.pipeline import lambda_summary
+    from saferlhf.trainers.common import read_metrics
+    from saferlhf.trainers.ppo_lag import train_ppo
+
+    keys = [f"ppo.reward_model={rnd.path('models/rm/model')}", f"ppo.cost_model={rnd.path('models/cm/model')}"]
+    if rnd.args.ppo_prompts == "round":
+        prompts = rnd.path("prompts/prompts.jsonl")
+        n = len(_read_jsonl(prompts))
+        batch = rnd.config("ppo_lag", out, rnd.args.policy).ppo.rollout_batch_size
+        # Fewer prompts than one step takes are repeated (an exact count, "-N"), as a mix would.
+        proportion = "1" if n >= batch else str(-batch)
+        keys.append(f"data.train={_data_list([_file_spec(f'round-{rnd.args.round}-prompts', prompts, proportion)])}")
+    cfg = rnd.config("ppo_lag", out, rnd.args.policy, *keys)
+    final = train_ppo(cfg)
+    trace = [r for r in read_metrics(out / "metrics.jsonl") if "train/lambda" in r]
+    stats = {"data": list(cfg.data.train), "steps": len(trace),
+             "final": {k: v for k, v in final.items() if k.startswith("train/") and isinstance(v, (int, float))}}
+    if trace:
+        stats["lambda"] = lambda_summary(trace)
+    f = stats["final"]
+    stats["summary"] = (f"{len(trace)} steps; final λ {f.get('train/lambda', float('nan')):.3f}, J_C "
+                        f"{f.get('train/episode_cost_window', float('nan')):+.3f}, reward "
+                        f"{f.get('train/reward', float('nan')):+.3f}, cost {f.get('train/cost', float('nan')):+.3f}")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 6: eval
+
+
+def _estimate(ci: dict | None) -> float | None:
+    return None if ci is None else ci["estimate"]
+
+
+def stage_eval(rnd: _Round, out: Path) -> dict:
+    from saferlhf.evaluate.evaluate import evaluate
+    from saferlhf.pipeline import evaluate_policy
+
+    cfg = rnd.config("ppo_lag", out, rnd.args.policy)
+    policy = rnd.path("ppo_lag/model")
+    prompts = rnd.path("prompts/prompts.jsonl")
+    result = evaluate(policy, str(prompts), out, reward_model=rnd.path("models/rm/model"),
+                      cost_model=rnd.path("models/cm/model"), samples=1,
+                      max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                      seed=cfg.run.seed, max_length=cfg.model.max_length, run_dir=rnd.path("ppo_lag"),
+                      show_progress=cfg.run.progress)
+    m, truth = result["metrics"], result["ground_truth"]
+    stats = {"n_prompts": result["n_prompts"], "n_responses": result["n_responses"],
+             "reward": _estimate(m["reward"]), "cost": _estimate(m["cost"]),
+             "harmful_rate_cost": _estimate(m["harmful_rate"]),
+             "ground_truth": {k: _estimate(v) for k, v in truth.items()} if truth else None,
+             "files": result["files"]}
+    if result["toy_world"]:  # before vs after on held-out toy prompts, as `saferlhf demo` reports a policy
+        stats["held_out"] = {"n_prompts": rnd.args.eval_prompts,
+                             "before": evaluate_policy(Path(rnd.args.policy), rnd.args.eval_prompts),
+                             "after": evaluate_policy(policy, rnd.args.eval_prompts)}
+    summary = (f"new policy on the round's prompts: reward {stats['reward']:+.3f}, cost {stats['cost']:+.3f}, "
+               f"cost > 0 on {100 * stats['harmful_rate_cost']:.1f}%")
+    if "held_out" in stats:
+        b, a = stats["held_out"]["before"], stats["held_out"]["after"]
+        summary += (f"; held-out harm rate {b['harm_rate']:.3f} → {a['harm_rate']:.3f}, helpfulness "
+                    f"{b['helpfulness']:.3f} → {a['helpfulness']:.3f}")
+    stats["summary"] = summary
+    return stats
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[_Round, Path], dict]] = {
+    "prompts": stage_prompts, "samples": stage_samples, "labels": stage_labels, "models": stage_models,
+    "ppo_lag": stage_ppo_lag, "eval": stage_eval,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _get(stats: dict, *path: str):
+    node = stats
+    for key in path:
+        if not isinstance(node, dict) or node.get(key) is None:
+            return None
+        node = node[key]
+    return node
+
+
+# (report key, stage, path in that stage's stats, what it is); the table rows and the comparison.
+REPORT_METRICS = (
+    ("prompts", "prompts", ("n_prompts",), "red-team prompts"),
+    ("prompts_carried_over", "prompts", ("carried_over",), "unsafe prompts carried over"),
+    ("pairs", "samples", ("n_pairs",), "response pairs"),
+    ("samples_harm_rate", "samples", ("ground_truth", "harm_rate"), "policy before: harm rate on the round's "
+                                                                    "harmful prompts (ground truth)"),
+    ("preference_rows", "labels", ("n_rows",), "new preference rows"),
+    ("preference_unsafe_responses", "labels", ("n_unsafe_responses",), "unsafe responses among them"),
+    ("reward_model_accuracy", "models", ("rm", "eval/accuracy"), "reward model accuracy (held out)"),
+    ("cost_model_accuracy", "models", ("cm", "eval/accuracy"), "cost model accuracy (held out)"),
+    ("cost_model_sign_accuracy", "models", ("cm", "eval/sign_accuracy"), "cost model sign accuracy (held out)"),
+    ("ppo_lag_lambda", "ppo_lag", ("final", "train/lambda"), "PPO-Lag final λ"),
+    ("ppo_lag_cost_window", "ppo_lag", ("final", "train/episode_cost_window"), "PPO-Lag final J_C (cost window)"),
+    ("ppo_lag_reward", "ppo_lag", ("final", "train/reward"), "PPO-Lag final episode reward"),
+    ("ppo_lag_cost", "ppo_lag", ("final", "train/cost"), "PPO-Lag final episode cost"),
+    ("eval_reward", "eval", ("reward",), "new policy: mean reward (round's prompts)"),
+    ("eval_cost", "eval", ("cost",), "new policy: mean cost (round's prompts)"),
+    ("eval_harmful_rate_cost", "eval", ("harmful_rate_cost",), "new policy: share with cost > 0"),
+    ("eval_harm_rate", "eval", ("ground_truth", "harm_rate"), "new policy: harm rate on the round's harmful "
+                                                              "prompts (ground truth)"),
+    ("held_out_harm_rate_before", "eval", ("held_out", "before", "harm_rate"), "held out: harm rate before"),
+    ("held_out_harm_rate", "eval", ("held_out", "after", "harm_rate"), "held out: harm rate after"),
+    ("held_out_helpfulness_before", "eval", ("held_out", "before", "helpfulness"), "held out: helpfulness before"),
+    ("held_out_helpfulness", "eval", ("held_out", "after", "helpfulness"), "held out: helpfulness after"),
+)
+
+
+def build_report(rnd: _Round, stats: dict[str, dict]) -> dict:
+    metrics = {key: _get(stats.get(stage, {}), *path) for key, stage, path, _ in REPORT_METRICS}
+    report = {
+        "round": rnd.args.round, "arguments": asdict(rnd.args), "stages": stats, "metrics": metrics,
+        "files": {"prompts": "prompts/prompts.jsonl", "pairs": "samples/pairs.jsonl",
+                  "preferences": "labels/preferences.jsonl", "reward_model": "models/rm/model",
+                  "cost_model": "models/cm/model", "policy": "ppo_lag/model", "responses": "eval/responses.jsonl"},
+        "sft": rnd.args.sft,
+        "preference_data": stats.get("models", {}).get("preference_data", preference_files(rnd)),
+        "previous": None,
+    }
+    if rnd.previous is not None:
+        before = rnd.previous.get("metrics", {})
+        report["previous"] = {"round": rnd.previous.get("round"), "metrics": before}
+        report["comparison"] = {
+            key: {"previous": before.get(key), "this": value,
+                  "delta": value - before[key] if isinstance(value, (int, float)) and isinstance(
+                      before.get(key), (int, float)) else None}
+            for key, value in metrics.items()}
+    return report
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value)
+    return f"{value:.3f}"
+
+
+def format_report(report: dict) -> str:
+    k = report["round"]
+    lines = [f"# Safe RLHF round {k}", "", f"Labels: {report['arguments']['labels']}; policy in: "
+             f"`{report['arguments']['policy']}`; policy out: `ppo_lag/model`.", ""]
+    previous = report.get("previous")
+    if previous:
+        lines += [f"| metric | round {previous['round']} | round {k} | change |", "|---|---|---|---|"]
+        for key, _, _, what in REPORT_METRICS:
+            c = report["comparison"][key]
+            delta = "-" if c["delta"] is None else f"{c['delta']:+.3f}"
+            lines.append(f"| {what} | {_fmt(c['previous'])} | {_fmt(c['this'])} | {delta} |")
+    else:
+        lines += [f"| metric | round {k} |", "|---|---|"]
+        lines += [f"| {what} | {_fmt(report['metrics'][key])} |" for key, _, _, what in REPORT_METRICS]
+    lines += ["", "## Stages", ""]
+    for name in STAGES:
+        s = report["stages"].get(name)
+        if s:
+            lines.append(f"- **{name}** ({s.get('seconds', 0):.0f} s): {s.get('summary', '')}")
+    data = report["preference_data"]
+    lines += ["", f"Preference data so far ({len(data)} files besides the preset's base data):"]
+    lines += [f"- `{f}`" for f in data] or ["- none"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The round
+
+
+def _resolve_args(
+    round_dir: Path, *, policy: str | Path, round_index: int, sft: str | Path | None, prompts: Sequence[str],
+    previous_data: Sequence[str | Path], labels: str, judge_url: str | None, judge_model: str | None, preset: str,
+    overrides: Sequence[str], previous_report: str | Path | None, eval_prompts: int, ppo_prompts: str,
+) -> tuple[RoundArgs, Path, dict | None, Path | None]:
+    """Check every argument that can be checked before any stage runs."""
+    from saferlhf.config import ConfigError
+    from saferlhf.data.registry import parse_spec
+    from saferlhf.data.schema import DataError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RoundError("saferlhf round runs in one process; launch it without a multi-process launcher "
+                         "(or run the stages one by one with scripts/*.sh)")
+    if round_index < 1:
+        raise RoundError(f"the round number must be >= 1, got {round_index}")
+    if labels not in LABEL_SOURCES:
+        raise RoundError(f"labels must be one of {', '.join(LABEL_SOURCES)}, got {labels!r}")
+    if labels == "judge" and not (judge_url and judge_model):
+        raise RoundError("labels=judge needs the judge's URL and model name (--judge-url, --judge-model)")
+    if ppo_prompts not in PPO_PROMPTS:
+        raise RoundError(f"ppo_prompts must be one of {', '.join(PPO_PROMPTS)}, got {ppo_prompts!r}")
+    if eval_prompts < 1:
+        raise RoundError(f"eval_prompts must be >= 1, got {eval_prompts}")
+    try:
+        preset_path = resolve_preset(preset)
+        set_keys = parse_overrides(list(overrides))
+    except ConfigError as e:
+        raise RoundError(str(e)) from None
+    for key in ROUND_KEYS:
+        section, name = key.split(".")
+        if name in set_keys.get(section, {}):
+            raise RoundError(f"override {key}=... : saferlhf round sets {key} itself for each stage "
+                             "(use --out, --policy, --sft, --prompts and --data)")
+    previous, previous_dir = _load_report(previous_report) if previous_report is not None else (None, None)
+    if sft is None:
+        sft = previous.get("sft") if previous and previous.get("sft") else policy
+    for path, what in ((policy, "policy"), (sft, "SFT model")):
+        if not (Path(path) / "config.json").is_file():
+            raise RoundError(f"{what} {path}: not a model directory (no config.json)")
+    for spec in [*prompts, *map(str, previous_data)]:
+        try:
+            parse_spec(spec)
+        except DataError as e:
+            raise RoundError(str(e)) from None
+    data = [str(Path(d).resolve()) if Path(d).is_file() else str(d) for d in previous_data]
+    args = RoundArgs(
+        round=round_index, policy=str(Path(policy).resolve()), sft=str(Path(sft).resolve()), prompts=list(prompts),
+        previous_data=data, labels=labels, judge_url=judge_url, judge_model=judge_model, preset=str(preset_path),
+        overrides=list(overrides), previous_report=str(Path(previous_report).resolve()) if previous_report else None,
+        eval_prompts=eval_prompts, ppo_prompts=ppo_prompts)
+    try:  # every stage's config resolves with these overrides
+        for stage in ("rm", "cm", "ppo_lag"):
+            build_config(stage, preset_path, args.overrides)
+    except ConfigError as e:
+        raise RoundError(str(e)) from None
+    return args, preset_path, previous, previous_dir
+
+
+def _check_same_arguments(round_dir: Path, args: RoundArgs) -> None:
+    path = round_dir / ARGUMENTS_FILE
+    new = asdict(args)
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        changed = [f"{k}: was {old.get(k)!r}, now {v!r}" for k, v in new.items() if old.get(k) != v]
+        if changed:
+            raise RoundError(f"{round_dir} holds a round started with other arguments; resume it with the same "
+                             "ones, or use a new output directory:\n  " + "\n  ".join(changed))
+    else:
+        round_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(path, new)
+
+
+def run_round(
+    round_dir: str | Path, *, policy: str | Path, round_index: int = 1, sft: str | Path | None = None,
+    prompts: Sequence[str] = (), previous_data: Sequence[str | Path] = (), labels: str = "toy",
+    judge_url: str | None = None, judge_model: str | None = None, sheet: str | Path | None = None,
+    preset: str = "tiny-cpu", overrides: Sequence[str] = (), previous_report: str | Path | None = None,
+    eval_prompts: int = EVAL_PROMPTS, ppo_prompts: str = "round", until: str | None = None,
+    log: Callable[[str], None] = print,
+) -> RoundResult:
+    """Run (or resume) one Safe RLHF round in ``round_dir``; see the module docstring.
+
+    ``policy`` is the current policy (round 1: the SFT model), ``sft`` the model the reward and cost
+    models start from (default: the previous report's, else ``policy``). ``prompts`` are dataset
+    specs or files; ``previous_data`` earlier preference files (or specs) beyond those the previous
+    report lists. ``overrides`` (``key=value``) apply to every trainer stage. ``until`` stops after
+    that stage. Raises `RoundError` for bad arguments or inputs, `AwaitingAnnotation` when the labels
+    stage waits for a filled-in sheet, `saferlhf.annotate.AnnotationError` for a bad sheet.
+    """
+    out = Path(round_dir)
+    if until is not None and until not in STAGES:
+        raise RoundError(f"until must be one of {', '.join(STAGES)}, got {until!r}")
+    if sheet is not None and not Path(sheet).is_file():
+        raise RoundError(f"--sheet {sheet}: no such file")
+    args, preset_path, previous, previous_dir = _resolve_args(
+        out, policy=policy, round_index=round_index, sft=sft, prompts=prompts, previous_data=previous_data,
+        labels=labels, judge_url=judge_url, judge_model=judge_model, preset=preset, overrides=overrides,
+        previous_report=previous_report, eval_prompts=eval_prompts, ppo_prompts=ppo_prompts)
+    _check_same_arguments(out, args)
+    rnd = _Round(out, args, preset_path, Path(sheet).resolve() if sheet else None, log, previous, previous_dir)
+    result = RoundResult(out, {})
+    stats: dict[str, dict] = {}
+    redo = False  # once a stage runs, every later stage is stale and runs too
+    for i, name in enumerate(STAGES, start=1):
+        stage_dir = out / name
+        tag = f"{rnd.name} [{i}/{len(STAGES)}] {name}"
+        if not redo and (stage_dir / DONE).is_file():
+            stats[name] = json.loads((stage_dir / "stats.json").read_text(encoding="utf-8"))
+            result.skipped.append(name)
+            log(f"{tag}: done already, skipped")
+        else:
+            redo = True
+            log(f"{tag}: running")
+            _clear(stage_dir, keep=ANNOTATION_FILES if name == "labels" else ())
+            start = time.perf_counter()
+            stats[name] = STAGE_FUNCTIONS[name](rnd, stage_dir)
+            stats[name]["seconds"] = round(time.perf_counter() - start, 3)
+            _write_json(stage_dir / "stats.json", stats[name])
+            _mark_done(stage_dir, stats[name]["seconds"])
+            result.ran.append(name)
+            log(f"{tag}: done in {stats[name]['seconds']:.0f} s: {stats[name]['summary']}")
+        if name == until:
+            break
+    result.report = build_report(rnd, stats)
+    if "eval" in stats:
+        _write_json(out / "report.json", result.report)
+        (out / "report.md").write_text(format_report(result.report), encoding="utf-8")
+        log(f"{rnd.name}: report in {out / 'report.md'}")
+    return result
