@@ -4,6 +4,9 @@
                                                         one stage (``--help`` lists every key)
     saferlhf data check PATH --kind {preference,sft,prompt} [--json]
     saferlhf demo [--out DIR] [--json] [--no-rl]        the main job on the toy world
+    saferlhf round --out DIR --policy MODEL_DIR [--round K] [--previous REPORT] [--prompts SPEC ...]
+                   [--data PREV.jsonl ...] [--labels toy|judge|annotate] [--sheet FILLED.csv]
+                   [--config PRESET] [key=value ...]   one Safe RLHF round, resumable by stage
     saferlhf eval --model DIR --prompts SET_OR_FILE [--reward-model DIR] [--cost-model DIR] [--samples N]
                   [--max-new-tokens N] [--temperature T] [--run DIR] [--out DIR] [--json]
                                                         a policy's reward, cost and harmful rate with 95% CIs
@@ -133,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         return check_main(rest[1:])
     if command == "demo":
         return run_demo_command(rest)
+    if command == "round":
+        from saferlhf.rounds import main as round_main
+
+        return round_main(rest)
     if command in ("eval", "arena"):
         from saferlhf.evaluate.evaluate import arena_main, eval_main
 

