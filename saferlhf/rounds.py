@@ -658,7 +658,8 @@ def build_report(rnd: _Round, stats: dict[str, dict]) -> dict:
     report = {
         "round": rnd.args.round, "arguments": asdict(rnd.args), "stages": stats, "metrics": metrics,
         "files": {"prompts": "prompts/prompts.jsonl", "pairs": "samples/pairs.jsonl",
-                  "preferences": "labels/preferences.jsonl", "reward_model": "models/rm/model",
+                  "preferences": "labels/preferences.jsonl", "reward_only": "labels/reward_only.jsonl",
+                  "cost_only": "labels/cost_only.jsonl", "reward_model": "models/rm/model",
                   "cost_model": "models/cm/model", "policy": "ppo_lag/model", "responses": "eval/responses.jsonl"},
         "sft": rnd.args.sft,
         "preference_data": stats.get("models", {}).get("preference_data", preference_files(rnd)),
@@ -692,7 +693,8 @@ def format_report(report: dict) -> str:
         lines += [f"| metric | round {previous['round']} | round {k} | change |", "|---|---|---|---|"]
         for key, _, _, what in REPORT_METRICS:
             c = report["comparison"][key]
-            delta = "-" if c["delta"] is None else f"{c['delta']:+.3f}"
+            delta = "-" if c["delta"] is None else f"{c['delta']:+d}" if isinstance(c["delta"], int) \
+                else f"{c['delta']:+.3f}"
             lines.append(f"| {what} | {_fmt(c['previous'])} | {_fmt(c['this'])} | {delta} |")
     else:
         lines += [f"| metric | round {k} |", "|---|---|"]
@@ -714,7 +716,7 @@ def format_report(report: dict) -> str:
 
 
 def _resolve_args(
-    round_dir: Path, *, policy: str | Path, round_index: int, sft: str | Path | None, prompts: Sequence[str],
+    *, policy: str | Path, round_index: int | None, sft: str | Path | None, prompts: Sequence[str],
     previous_data: Sequence[str | Path], labels: str, judge_url: str | None, judge_model: str | None, preset: str,
     overrides: Sequence[str], previous_report: str | Path | None, eval_prompts: int, ppo_prompts: str,
 ) -> tuple[RoundArgs, Path, dict | None, Path | None]:
@@ -726,8 +728,6 @@ def _resolve_args(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RoundError("saferlhf round runs in one process; launch it without a multi-process launcher "
                          "(or run the stages one by one with scripts/*.sh)")
-    if round_index < 1:
-        raise RoundError(f"the round number must be >= 1, got {round_index}")
     if labels not in LABEL_SOURCES:
         raise RoundError(f"labels must be one of {', '.join(LABEL_SOURCES)}, got {labels!r}")
     if labels == "judge" and not (judge_url and judge_model):
@@ -747,6 +747,10 @@ def _resolve_args(
             raise RoundError(f"override {key}=... : saferlhf round sets {key} itself for each stage "
                              "(use --out, --policy, --sft, --prompts and --data)")
     previous, previous_dir = _load_report(previous_report) if previous_report is not None else (None, None)
+    if round_index is None:
+        round_index = int(previous.get("round", 0)) + 1 if previous else 1
+    if round_index < 1:
+        raise RoundError(f"the round number must be >= 1, got {round_index}")
     if sft is None:
         sft = previous.get("sft") if previous and previous.get("sft") else policy
     for path, what in ((policy, "policy"), (sft, "SFT model")):
@@ -786,7 +790,7 @@ def _check_same_arguments(round_dir: Path, args: RoundArgs) -> None:
 
 
 def run_round(
-    round_dir: str | Path, *, policy: str | Path, round_index: int = 1, sft: str | Path | None = None,
+    round_dir: str | Path, *, policy: str | Path, round_index: int | None = None, sft: str | Path | None = None,
     prompts: Sequence[str] = (), previous_data: Sequence[str | Path] = (), labels: str = "toy",
     judge_url: str | None = None, judge_model: str | None = None, sheet: str | Path | None = None,
     preset: str = "tiny-cpu", overrides: Sequence[str] = (), previous_report: str | Path | None = None,
@@ -795,7 +799,8 @@ def run_round(
 ) -> RoundResult:
     """Run (or resume) one Safe RLHF round in ``round_dir``; see the module docstring.
 
-    ``policy`` is the current policy (round 1: the SFT model), ``sft`` the model the reward and cost
+    ``policy`` is the current policy (round 1: the SFT model); ``round_index`` defaults to the previous
+    report's round + 1, else 1. ``sft`` is the model the reward and cost
     models start from (default: the previous report's, else ``policy``). ``prompts`` are dataset
     specs or files; ``previous_data`` earlier preference files (or specs) beyond those the previous
     report lists. ``overrides`` (``key=value``) apply to every trainer stage. ``until`` stops after
@@ -808,7 +813,7 @@ def run_round(
     if sheet is not None and not Path(sheet).is_file():
         raise RoundError(f"--sheet {sheet}: no such file")
     args, preset_path, previous, previous_dir = _resolve_args(
-        out, policy=policy, round_index=round_index, sft=sft, prompts=prompts, previous_data=previous_data,
+        policy=policy, round_index=round_index, sft=sft, prompts=prompts, previous_data=previous_data,
         labels=labels, judge_url=judge_url, judge_model=judge_model, preset=preset, overrides=overrides,
         previous_report=previous_report, eval_prompts=eval_prompts, ppo_prompts=ppo_prompts)
     _check_same_arguments(out, args)
@@ -862,13 +867,15 @@ def _parser():
         epilog=f"stages: {', '.join(STAGES)}; each writes DIR/<stage>/ and DIR/<stage>/DONE. Exit status: 0 done, "
                f"{EXIT_BAD_INPUT} bad arguments or inputs (a bad sheet included), {EXIT_AWAITING_ANNOTATION} waiting "
                "for a filled-in annotation sheet, 1 any other failure.")
-    parser.add_argument("--out", help="round directory (default: a run.out_dir=DIR override, else runs/round)")
-    parser.add_argument("--policy", help="the current policy (round 1: the SFT model); default: a "
-                                         "model.name_or_path=DIR override")
-    parser.add_argument("--round", type=int, default=None, dest="round_index",
+    parser.add_argument("--out", metavar="DIR",
+                        help="round directory (default: a run.out_dir=DIR override, else runs/round)")
+    parser.add_argument("--policy", metavar="MODEL_DIR",
+                        help="the current policy (round 1: the SFT model); default: a model.name_or_path=DIR override")
+    parser.add_argument("--round", type=int, default=None, dest="round_index", metavar="K",
                         help="round number (default: the previous report's + 1, else 1)")
-    parser.add_argument("--sft", help="the SFT model the reward and cost models start from "
-                                      "(default: the previous report's, else --policy)")
+    parser.add_argument("--sft", metavar="MODEL_DIR",
+                        help="the SFT model the reward and cost models start from (default: the previous report's, "
+                             "else --policy)")
     parser.add_argument("--prompts", action="append", default=[], metavar="SPEC",
                         help="red-team prompt set, NAME[:PROPORTION[:PATH]] or a file; repeatable "
                              "(default: the preset's PPO prompts)")
@@ -880,8 +887,9 @@ def _parser():
     parser.add_argument("--judge-url", help="labels=judge: the judge's OpenAI-compatible API root (…/v1)")
     parser.add_argument("--judge-model", help="labels=judge: the judge's model name")
     parser.add_argument("--sheet", metavar="FILLED.csv", help="labels=annotate: the filled-in annotation sheet")
-    parser.add_argument("--config", default="tiny-cpu", help="preset of every stage (default: tiny-cpu)")
-    parser.add_argument("--eval-prompts", type=int, default=EVAL_PROMPTS,
+    parser.add_argument("--config", default="tiny-cpu", metavar="PRESET",
+                        help="preset of every stage (default: tiny-cpu)")
+    parser.add_argument("--eval-prompts", type=int, default=EVAL_PROMPTS, metavar="N",
                         help=f"held-out toy prompts of the ground-truth evaluation (default: {EVAL_PROMPTS})")
     parser.add_argument("--ppo-prompts", default="round", choices=PPO_PROMPTS,
                         help="PPO-Lag prompts: the round's red-team set or the preset's (default: round)")
@@ -922,11 +930,8 @@ def main(argv: list[str]) -> int:
         policy = args.policy or model
         if policy is None:
             raise RoundError("--policy MODEL_DIR is required (the current policy; round 1: the SFT model)")
-        round_index = args.round_index
-        if round_index is None:
-            round_index = int(_load_report(args.previous)[0].get("round", 0)) + 1 if args.previous else 1
         result = run_round(
-            out, policy=policy, round_index=round_index, sft=args.sft, prompts=args.prompts,
+            out, policy=policy, round_index=args.round_index, sft=args.sft, prompts=args.prompts,
             previous_data=args.data, labels=args.labels, judge_url=args.judge_url, judge_model=args.judge_model,
             sheet=args.sheet, preset=args.config, overrides=overrides, previous_report=args.previous,
             eval_prompts=args.eval_prompts, ppo_prompts=args.ppo_prompts, until=args.until,
