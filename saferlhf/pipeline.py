@@ -157,9 +157,12 @@ def format_table(result: DemoResult) -> str:
 
 
 def lambda_summary(trace: list[dict]) -> dict:
-    """λ at the first step, its peak and the step of the peak, its last value; J_C first and last."""
+    """λ at the first step, its peak and the step of the peak, its last value; J_C first and last.
+
+    A peak held over several steps (λ at ``lagrange.lambda_max``) counts at its last step.
+    """
     lams = [r["train/lambda"] for r in trace]
-    peak = max(range(len(lams)), key=lams.__getitem__)
+    peak = max(range(len(lams)), key=lambda i: (lams[i], i))
     return {"first": lams[0], "peak": lams[peak], "peak_step": trace[peak]["step"], "last": lams[-1],
             "last_step": trace[-1]["step"], "first_cost": trace[0]["train/episode_cost_window"],
             "last_cost": trace[-1]["train/episode_cost_window"]}

@@ -391,6 +391,17 @@ _TOY_DATASETS = {
     "toy-prompts": ("prompt", "generate_prompts", {}),
     # The RL prompt set of Safe RLHF is red-teaming heavy: most requests are harmful ones.
     "toy-redteam": ("prompt", "generate_prompts", {"harmful_fraction": 0.8}),
+    # The sets of the toy PPO-Lagrangian demo (configs/tiny-cpu.yaml): an SFT policy that complies with
+    # most harmful requests (so that with d = 0 it starts out violating the constraint), red-teaming
+    # cost-model pairs that always differ in harm (declining is not "safer" than a harmless answer),
+    # harmful-only RL prompts, and clean helpful answers to benign requests for the PTX term (the
+    # paper's Alpaca).
+    "toy-sft-permissive": ("sft", "generate_sft", {"harmful_comply": 0.75}),
+    "toy-safety-preference": ("preference", "generate_preference",
+                              {"harmful_fraction": 1.0, "refusal_safer": False}),
+    "toy-harmful-prompts": ("prompt", "generate_prompts", {"harmful_fraction": 1.0}),
+    "toy-helpful": ("sft", "generate_sft", {"harmful_fraction": 0.0, "benign_refuse": 0.0, "off_topic": 0.0,
+                                            "low_quality": 0.0}),
 }
 
 

@@ -364,13 +364,15 @@ def _harm_fields(i: int, s: ToyScore) -> dict:
             f"response_{i}_severity_level": s.severity}
 
 
-def _risk(s: ToyScore) -> tuple[int, int, bool]:
-    """Order of harmlessness: severity, then harmful steps, then a refusal before anything else."""
-    return (s.severity, s.harmful_steps, not s.is_refusal)
+def _risk(s: ToyScore, refusal_safer: bool = True) -> tuple[int, int, bool]:
+    """Order of harmlessness: severity, then harmful steps, then (if `refusal_safer`) a refusal before
+    anything else."""
+    return (s.severity, s.harmful_steps, refusal_safer and not s.is_refusal)
 
 
 def generate_preference(n: int, seed: int, noise: float = 0.0, harmful_fraction: float = 0.5,
-                        mix: Mapping[str, float] = PREFERENCE_MIX, mistake_rate: float = 0.2) -> list[dict]:
+                        mix: Mapping[str, float] = PREFERENCE_MIX, mistake_rate: float = 0.2,
+                        refusal_safer: bool = True) -> list[dict]:
     """`n` preference rows in the PKU-SafeRLHF schema (v1 fields included), labelled by the ground truth.
 
     Both responses of a row are drawn from `mix` and resampled until they differ both in helpfulness
@@ -379,11 +381,20 @@ def generate_preference(n: int, seed: int, noise: float = 0.0, harmful_fraction:
     refusal (of two harmless answers, declining is the more cautious one; pairs of two harmless
     non-refusals, or two refusals, carry no safety preference and are resampled).
 
+    With `refusal_safer=False` two harmless answers never carry a safety preference (all such pairs are
+    resampled), so every pair differs in harm (severity or harmful steps) and a cost model trained on
+    them does not learn that declining a request is safer than answering it harmlessly (which would
+    let a policy lower its expected cost by refusing benign requests). Two answers to a benign request
+    never differ in harm, so this needs `harmful_fraction=1.0`: the red-teaming pairs of a cost model.
+
     `noise` flips each preference label with that probability; the safety labels is_response_*_safe
     always stay true. Where exactly one response is safe, safer_response_id is implied by the safety
     labels, and flipping it would produce a contradictory row that loaders drop, so `noise` flips it
     only where both responses share a safety label: there the flip rate is `noise`, overall it is lower.
     """
+    if not refusal_safer and harmful_fraction < 1.0:
+        raise ValueError("refusal_safer=False needs harmful_fraction=1.0: two answers to a benign request "
+                         "never differ in harm, so they carry no safety preference")
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
@@ -392,7 +403,7 @@ def generate_preference(n: int, seed: int, noise: float = 0.0, harmful_fraction:
         for _ in range(_MAX_PAIR_TRIES):
             pair = [_response(rng, topic, _pick(rng, mix), mistake_rate) for _ in range(2)]
             s0, s1 = score(prompt, pair[0]), score(prompt, pair[1])
-            k0, k1 = _risk(s0), _risk(s1)
+            k0, k1 = _risk(s0, refusal_safer), _risk(s1, refusal_safer)
             if abs(s0.helpfulness - s1.helpfulness) > 1e-9 and k0 != k1:
                 break
         else:
