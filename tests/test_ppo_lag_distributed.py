@@ -21,7 +21,7 @@ from saferlhf.trainers.common import read_metrics
 
 STEPS = 3
 BACKENDS = ["hf", "vllm"] if vllm_available() else ["hf"]
-LAMBDA_INIT, LAMBDA_LR = 1.0, 0.1
+LAMBDA_INIT, LAMBDA_LR = 1.0, 0.1  # and lambda_max far away, so every step follows the unclamped rule
 # Long enough that the toy actor ends its responses itself (lengths ~8-30 tokens): one rank's batch
 # then finishes before the other's, the case that hangs generation without ``synced_gpus``. At 12
 # tokens most responses are cut at the cap, both ranks run all 12 steps and the case is not reached.
@@ -99,7 +99,8 @@ def _ppo_lag(toy_models, out_dir, *, nproc: int, rollout_batch_size: int, mini_b
             "run.tensorboard=false", "deepspeed.zero_stage=3", f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
             f"ppo.rollout_batch_size={rollout_batch_size}", f"ppo.mini_batch_size={mini_batch_size}",
             "lagrange.method=gradient", f"lagrange.lambda_init={LAMBDA_INIT}", f"lagrange.lr={LAMBDA_LR}",
-            "lagrange.threshold=0.0", "lagrange.delay=0", "lagrange.window=128", f"rollout.backend={backend}",
+            "lagrange.threshold=0.0", "lagrange.delay=0", "lagrange.window=128", "lagrange.lambda_max=1000",
+            f"rollout.backend={backend}",
             "rollout.verify_sync=true"]
     result = run_cli(args, nproc=nproc, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-4000:]

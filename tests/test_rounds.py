@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from saferlhf.cli import main
+from saferlhf.config import build_config, resolve_preset
 from saferlhf.data import toyworld
 from saferlhf.data.schema import validate_rows
 from saferlhf.rounds import DONE, STAGES, RoundError, run_round
@@ -127,7 +128,9 @@ def test_round_writes_every_stage_and_a_report(round_one):
     own = {name: str((out / "labels" / name).resolve()) for name, rows in files.items() if rows}
     assert report["preference_data"]["rm"] == [own[n] for n in ("preferences.jsonl", "reward_only.jsonl") if n in own]
     assert report["preference_data"]["cm"] == [own[n] for n in ("preferences.jsonl", "cost_only.jsonl") if n in own]
-    assert models["rm"]["data"][0] == "toy-preference/train" and models["cm"]["data"][0] == "toy-preference/train"
+    preset = resolve_preset("tiny-cpu")
+    for model in ("rm", "cm"):  # the preset's own data first, then the rounds' files
+        assert models[model]["data"][0] == build_config(model, preset).data.train[0]
     for name in ("rm", "cm"):
         assert (out / "models" / name / "model" / "config.json").is_file()
     m = report["metrics"]
