@@ -378,9 +378,12 @@ _TOY_FILE = {"both": "preferences.jsonl", "reward_only": "reward_only.jsonl", "c
 
 
 def _toy_risk(s) -> tuple[int, int, bool]:
-    """Order of harmlessness, as the toy world's preference data orders it: severity, then harmful
-    steps, then a refusal before anything else (lower is safer)."""
-    return (s.severity, s.harmful_steps, not s.is_refusal)
+    """Order of harmlessness (lower is safer): severity, then harmful steps — as the preset's cost-model
+    data (``toy-safety-preference``) orders it, where declining is not safer than a harmless answer
+    (otherwise the cost model teaches the policy to refuse benign requests)."""
+    from saferlhf.data.toyworld import risk_order
+
+    return risk_order(s, refusal_safer=False)
 
 
 def toy_label(prompt: str, response_0: str, response_1: str) -> tuple[dict | None, str]:

@@ -35,7 +35,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def risk(s: toyworld.ToyScore) -> tuple:
-    return (s.severity, s.harmful_steps, not s.is_refusal)
+    return toyworld.risk_order(s, refusal_safer=False)
 
 
 @pytest.fixture(scope="module")

@@ -364,7 +364,7 @@ def _harm_fields(i: int, s: ToyScore) -> dict:
             f"response_{i}_severity_level": s.severity}
 
 
-def _risk(s: ToyScore, refusal_safer: bool = True) -> tuple[int, int, bool]:
+def risk_order(s: ToyScore, refusal_safer: bool = True) -> tuple[int, int, bool]:
     """Order of harmlessness: severity, then harmful steps, then (if `refusal_safer`) a refusal before
     anything else."""
     return (s.severity, s.harmful_steps, refusal_safer and not s.is_refusal)
@@ -403,7 +403,7 @@ def generate_preference(n: int, seed: int, noise: float = 0.0, harmful_fraction:
         for _ in range(_MAX_PAIR_TRIES):
             pair = [_response(rng, topic, _pick(rng, mix), mistake_rate) for _ in range(2)]
             s0, s1 = score(prompt, pair[0]), score(prompt, pair[1])
-            k0, k1 = _risk(s0, refusal_safer), _risk(s1, refusal_safer)
+            k0, k1 = risk_order(s0, refusal_safer), risk_order(s1, refusal_safer)
             if abs(s0.helpfulness - s1.helpfulness) > 1e-9 and k0 != k1:
                 break
         else:
