@@ -76,18 +76,12 @@ def build_models(out: Path, model: str, seed: int = 0) -> dict[str, Path]:
 
 
 def _command(nproc: int) -> list[str]:
+    from saferlhf.distributed import free_port
+
     if nproc == 1:
         return [sys.executable, "-m", "saferlhf"]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(_free_port()), "-m", "saferlhf"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+            str(free_port()), "-m", "saferlhf"]
 
 
 def run_config(name: str, args, models: dict[str, Path], out: Path) -> Path:
@@ -103,8 +97,9 @@ def run_config(name: str, args, models: dict[str, Path], out: Path) -> Path:
         *CONFIGS[name]["overrides"], *(["run.profile=true"] if args.profile else []),
         *(["run.memory_snapshot=true"] if args.memory else []), *args.overrides,
     ]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    from saferlhf.distributed import child_env
+
+    env = child_env()
     env.pop("SAFERLHF_OPS", None)
     env.update(CONFIGS[name]["env"])
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))

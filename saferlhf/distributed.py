@@ -42,10 +42,23 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on the loopback interface that was free a moment ago (for a rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+PROCESS_GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment without the process-group variables, for a launcher started from it.
+
+    An in-process stage sets RANK, MASTER_PORT, ... for its world of one; a child launcher (torchrun, a
+    fresh ``saferlhf`` process) inheriting them would try to join that group.
+    """
+    return {k: v for k, v in os.environ.items() if k not in PROCESS_GROUP_VARIABLES}
 
 
 def disable_cpu_shm_allreduce() -> None:
@@ -63,7 +76,7 @@ def init_distributed(backend: str = "") -> DistInfo:
     """Start (or join) the process group; works under torchrun / the deepspeed launcher or alone."""
     if "RANK" not in os.environ:  # a plain `python -m saferlhf ...`: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if _ON_CPU:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -30,19 +29,24 @@ def stage_config(stage: str, out_dir: Path, model: Path, *overrides: str):
                          "run.tensorboard=false", *overrides])
 
 
-def _free_port() -> int:
-    import socket
+def two_tiny_policies(a: Path, b: Path) -> tuple[Path, Path]:
+    """Two untrained tiny toy-world policies with one tokenizer and different weights, saved to ``a``, ``b``."""
+    from saferlhf.models.hf import load_tokenizer, save_causal_lm
+    from saferlhf.models.tiny import make_tiny_model
+    from saferlhf.pipeline import build_base_model
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    build_base_model(a, seed=0)
+    tokenizer = load_tokenizer(str(a))
+    save_causal_lm(make_tiny_model(tokenizer, seed=1), b, tokenizer=tokenizer)
+    return a, b
 
 
 def cli_env(nproc: int = 1) -> dict[str, str]:
     """The environment of a fresh ``saferlhf`` process: this one's, without the process-group
     variables an in-process stage set here (a child would otherwise try to join that group)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    from saferlhf.distributed import child_env
+
+    env = child_env()
     env["OMP_NUM_THREADS"] = "1" if nproc > 1 else env.get("OMP_NUM_THREADS", "2")
     return env
 
@@ -53,9 +57,11 @@ def run_cli(args: list[str], *, nproc: int = 1, timeout: int = 600, cwd: Path | 
     On timeout the launcher gets SIGTERM first: torchrun forwards it to its workers (they run in
     their own sessions, so a SIGKILL of torchrun alone would leave them hanging in a collective).
     """
+    from saferlhf.distributed import free_port
+
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", "-m", "saferlhf", *args]
+               f"--master_port={free_port()}", "-m", "saferlhf", *args]
     else:
         cmd = [sys.executable, "-m", "saferlhf", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(nproc),

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, cli_env
+from helpers import REPO, cli_env, two_tiny_policies
 
 from saferlhf.chat import ChatModel, chat_loop, render_paper
 from saferlhf.cli import main
@@ -15,15 +15,8 @@ from saferlhf.cli import main
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from saferlhf.models.hf import load_tokenizer, save_causal_lm
-    from saferlhf.models.tiny import make_tiny_model
-    from saferlhf.pipeline import build_base_model
-
     root = tmp_path_factory.mktemp("chat")
-    a = build_base_model(root / "a", seed=0)
-    tokenizer = load_tokenizer(str(a))
-    save_causal_lm(make_tiny_model(tokenizer, seed=1), root / "b", tokenizer=tokenizer)
-    return a, root / "b"
+    return two_tiny_policies(root / "a", root / "b")
 
 
 def _spy(model: ChatModel) -> list[str]:

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import two_tiny_policies
 
 from saferlhf.cli import main
 from saferlhf.data import toyworld
@@ -19,15 +20,12 @@ FAST = ["--max-new-tokens", "12", "--n-boot", "200", "--no-progress", "--batch-s
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Two tiny policies (different weights, one tokenizer), a reward and a cost model, a toy prompt file."""
-    from saferlhf.models.hf import load_tokenizer, save_causal_lm
+    from saferlhf.models.hf import load_tokenizer
     from saferlhf.models.score_model import ScoreModel
-    from saferlhf.models.tiny import make_tiny_model
-    from saferlhf.pipeline import build_base_model
 
     root = tmp_path_factory.mktemp("eval")
-    base = build_base_model(root / "policy_a", seed=0)
+    base, _ = two_tiny_policies(root / "policy_a", root / "policy_b")
     tokenizer = load_tokenizer(str(base))
-    save_causal_lm(make_tiny_model(tokenizer, seed=1), root / "policy_b", tokenizer=tokenizer)
     for i, kind in enumerate(("reward", "cost")):
         torch.manual_seed(10 + i)  # different random heads
         ScoreModel.from_pretrained(str(base), kind=kind).save_pretrained(root / kind, tokenizer=tokenizer)

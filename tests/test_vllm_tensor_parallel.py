@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPO, _free_port, cli_env
+from helpers import REPO, cli_env
 
+from saferlhf.distributed import free_port
 from saferlhf.rollout.vllm_engine import vllm_available
 
 
@@ -16,7 +17,7 @@ from saferlhf.rollout.vllm_engine import vllm_available
 @pytest.mark.distributed
 @pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
 def test_tensor_parallel_engine_serves_each_rank_its_own_prompts_and_takes_synced_weights(toy_models):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(REPO / "tests" / "workers" / "vllm_tensor_parallel.py"), str(toy_models.sft)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(2), timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
