@@ -7,7 +7,8 @@ timings mean nothing), the reference on either. Each benchmark records its peak 
 on CUDA, its achieved bandwidth as a fraction of the device-to-device copy bandwidth
 (``extra_info``, in the saved JSON). Shapes are the issue's targets: ``logprobs`` at N = 2048,
 V = 32000 float32 on CPU (N = 16384, V = 128256 bfloat16 on CUDA); ``shape_rewards`` and
-``dual_gae`` at B = 64, T = 1024.
+``dual_gae`` at B = 64, T = 1024; the decoder layers ``rms_norm`` at N×H = 4096×384 and 2048×1024
+and ``swiglu`` at N×I = 4096×1024, float32 on CPU (16384×4096 and 16384×8192 bfloat16 on CUDA).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 LOGPROBS_SHAPE = (16384, 128256) if ON_CUDA else (2048, 32000)
 LOGPROBS_DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
 BATCH, LENGTH = 64, 1024
+RMS_NORM_SHAPES = [(16384, 4096)] if ON_CUDA else [(4096, 384), (2048, 1024)]  # (N, H)
+SWIGLU_SHAPE = (16384, 8192) if ON_CUDA else (4096, 1024)  # (N, I)
+LAYER_DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
 
 
 def _sync() -> None:
@@ -34,9 +38,13 @@ def _sync() -> None:
 def _implementation(op: str, provider: str):
     """The function ``op`` of ``provider``, or a skip where that provider is not the fast path."""
     if provider == "reference":
-        return {"logprobs": algorithms.gather_logprobs, "shape_rewards": algorithms.shape_rewards}.get(
-            op, algorithms.dual_gae
-        )
+        return {
+            "logprobs": algorithms.gather_logprobs,
+            "shape_rewards": algorithms.shape_rewards,
+            "dual_gae": algorithms.dual_gae,
+            "rms_norm": algorithms.rms_norm,
+            "swiglu": algorithms.swiglu,
+        }[op]
     if provider == "native":
         if ON_CUDA:
             pytest.skip("the native ops serve CPU tensors")
@@ -45,11 +53,17 @@ def _implementation(op: str, provider: str):
         return getattr(csrc, op)
     if not ON_CUDA:
         pytest.skip("triton is timed on CUDA only (the CPU interpreter is for correctness)")
-    from saferlhf.kernels import dual_gae, logprobs, shape_rewards
+    from saferlhf.kernels import dual_gae, logprobs, rms_norm, shape_rewards, swiglu
 
     if provider == "triton-loop":
         return functools.partial(dual_gae.dual_gae, method="loop")
-    return {"logprobs": logprobs.logprobs, "shape_rewards": shape_rewards.shape_rewards}.get(op, dual_gae.dual_gae)
+    return {
+        "logprobs": logprobs.logprobs,
+        "shape_rewards": shape_rewards.shape_rewards,
+        "dual_gae": dual_gae.dual_gae,
+        "rms_norm": rms_norm.rms_norm,
+        "swiglu": swiglu.swiglu,
+    }[op]
 
 
 @pytest.fixture
@@ -150,3 +164,60 @@ def test_dual_gae(benchmark, record, provider):
     benchmark(call)
     # Reads four float32 streams and the mask, writes five float32 streams.
     record(provider, call, BATCH * LENGTH * (16 + 1 + 20))
+
+
+def _bench_layer(benchmark, record, provider: str, mode: str, fn, inputs, stream_bytes: int, streams: tuple):
+    """fwd / bwd / full of an elementwise layer; ``streams`` = (fwd, bwd) (N, H)-sized reads plus writes."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    generator = torch.Generator(device=DEVICE).manual_seed(1)
+    upstream = torch.randn(inputs[0].shape, device=DEVICE, dtype=inputs[0].dtype, generator=generator)
+
+    def forward():
+        with torch.no_grad():
+            fn(*inputs)
+        _sync()
+
+    def full():
+        torch.autograd.grad(fn(*leaves), leaves, upstream)
+        _sync()
+
+    def backward(out):
+        torch.autograd.grad(out, leaves, upstream, retain_graph=True)
+        _sync()
+
+    if mode == "fwd":
+        timed, bytes_moved = forward, streams[0] * stream_bytes
+        benchmark(forward)
+    elif mode == "full":
+        timed, bytes_moved = full, (streams[0] + streams[1]) * stream_bytes
+        benchmark(full)
+    else:
+        out = fn(*leaves)  # one graph, its backward timed again and again
+        timed, bytes_moved = functools.partial(backward, out), streams[1] * stream_bytes
+        benchmark(timed)
+    record(provider, timed, bytes_moved)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])
+@pytest.mark.parametrize("provider", ["reference", "native", "triton"])
+@pytest.mark.parametrize("shape", RMS_NORM_SHAPES, ids=lambda shape: f"{shape[0]}x{shape[1]}")
+def test_rms_norm(benchmark, record, provider, mode, shape):
+    fn = _implementation("rms_norm", provider)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(shape, device=DEVICE, dtype=LAYER_DTYPE, generator=generator)  # (N, H)
+    weight = torch.rand(shape[-1], device=DEVICE, generator=generator).to(LAYER_DTYPE) + 0.5  # (H,)
+    benchmark.group = f"rms_norm {mode} {shape[0]}x{shape[1]} {str(LAYER_DTYPE)[6:]}"
+    norm = functools.partial(fn, eps=1e-6)
+    # fwd reads x and writes y; bwd reads dy and x and writes dx (the weight and its gradient are one row).
+    _bench_layer(benchmark, record, provider, mode, norm, [x, weight], x.numel() * x.element_size(), (2, 3))
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])
+@pytest.mark.parametrize("provider", ["reference", "native", "triton"])
+def test_swiglu(benchmark, record, provider, mode):
+    fn = _implementation("swiglu", provider)
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    gate, up = (torch.randn(SWIGLU_SHAPE, device=DEVICE, dtype=LAYER_DTYPE, generator=generator) for _ in range(2))
+    benchmark.group = f"swiglu {mode} {SWIGLU_SHAPE[0]}x{SWIGLU_SHAPE[1]} {str(LAYER_DTYPE)[6:]}"
+    # fwd reads gate and up and writes the product; bwd reads dc, gate and up and writes both gradients.
+    _bench_layer(benchmark, record, provider, mode, fn, [gate, up], gate.numel() * gate.element_size(), (3, 5))

@@ -8,10 +8,17 @@ Usage:
 Both configurations run on the same models (restored to the same weights before each), the same
 prompts and the same rollout, one after the other in one process:
 
-- ``baseline``: the reference ops (``SAFERLHF_OPS=reference``) — log-probs from float32-upcast
-  logits through ``log_softmax`` and ``gather``, and the per-token Python GAE loop, as the original
-  safe-rlhf code computes them;
-- ``saferlhf``: the dispatcher's default — fused Triton kernels on CUDA, native C++ ops on CPU.
+- ``baseline``: the reference ops (``SAFERLHF_OPS=reference``), as the original safe-rlhf code
+  computes a step: the LM head over every position, log-probs from float32-upcast logits through
+  ``log_softmax`` and ``gather``, the per-token Python GAE loop, and transformers' own RMSNorm and
+  MLP gate (float32 copies of the activations, SiLU and the product as separate ops);
+- ``saferlhf``: the dispatcher's default — fused Triton kernels on CUDA, native C++ ops on CPU — with
+  everything the trainer does on top: the LM head over the response positions only
+  (``passes.response_logprobs``) and the fused RMSNorm and SwiGLU layers (``saferlhf.models.fused``).
+
+``--ablation`` adds two configurations between them: ``fused-ops`` (the fused log-probs, shaping and
+GAE only) and ``+response-logits`` (and the LM head over the response only), so that each lever's
+share of the gain is measured in the same run.
 
 Generation (HF ``generate`` on the actor, the ``hf`` rollout backend) is the same for both and runs
 once. The configurations alternate over rounds (see ``measure``); phases, timed after a warm-up step:
@@ -49,8 +56,9 @@ import_saferlhf()
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from saferlhf import ops  # noqa: E402
+from saferlhf import algorithms, ops  # noqa: E402
 from saferlhf.algorithms import policy_loss, value_loss  # noqa: E402
+from saferlhf.models.fused import use_fused_layers  # noqa: E402
 from saferlhf.models.score_model import ScoreModel  # noqa: E402
 from saferlhf.trainers.passes import mean_entropy, response_logprobs, response_values  # noqa: E402
 
@@ -87,6 +95,39 @@ SHAPES = {
     "20m": StepShape(rollout=16, prompt_len=32, response_len=64, mini_batch=8),
     "gpu": StepShape(rollout=32, prompt_len=128, response_len=512, mini_batch=8),
 }
+
+
+@dataclass(frozen=True)
+class Levers:
+    """One configuration: the ops backend (None: the dispatcher's default) and the trainer's levers."""
+
+    ops: str | None
+    fused_layers: bool = True
+    response_logits: bool = True
+
+
+CONFIGS = {"baseline": Levers("reference", False, False), "saferlhf": Levers(None)}
+ABLATIONS = {"fused-ops": Levers(None, False, False), "+response-logits": Levers(None, False, True)}
+
+
+@contextlib.contextmanager
+def levers(config: Levers):
+    """The configuration's backend (SAFERLHF_OPS) and levers for the duration.
+
+    The models are patched once (``use_fused_layers``); with ``fused_layers`` off their RMSNorm and
+    gate run the reference, which is transformers' own computation. With ``response_logits`` off
+    the LM head runs over every position, as under ``SAFERLHF_OPS=reference``.
+    """
+    saved = ops.rms_norm, ops.swiglu, ops.reference_forced
+    if not config.fused_layers:
+        ops.rms_norm, ops.swiglu = algorithms.rms_norm, algorithms.swiglu
+    if not config.response_logits:
+        ops.reference_forced = lambda: True
+    try:
+        with ops_backend(config.ops):
+            yield
+    finally:
+        ops.rms_norm, ops.swiglu, ops.reference_forced = saved
 
 
 @contextlib.contextmanager
@@ -153,6 +194,8 @@ class Models:
         self.critic_r = copy.deepcopy(self.reward).requires_grad_(True)
         self.critic_c = copy.deepcopy(self.cost).requires_grad_(True)
         self.trained = {"actor": self.actor, "critic_r": self.critic_r, "critic_c": self.critic_c}
+        for module in (self.actor, self.ref, self.reward, self.cost, self.critic_r, self.critic_c):
+            use_fused_layers(module)  # each configuration picks what the patched layers run (see levers)
         self.initial = {name: copy.deepcopy(m.state_dict()) for name, m in self.trained.items()}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.reset()
@@ -244,14 +287,15 @@ def one_step(models: Models, batch: dict, shape: StepShape, clock: Clock, device
 
 
 def measure(model: str = "tiny", device: str | None = None, steps: int = 2, fused: str | None = None,
-            rounds: int = 2) -> dict:
+            rounds: int = 2, ablation: bool = False) -> dict:
     """Both configurations on one set of models, in ``rounds`` alternating rounds.
 
     Each round runs, per configuration: weights and optimizers reset, one warm-up step (Triton
     compiles on its first call), then ``steps`` timed steps. Each phase's figure is the median over
     all timed steps of its configuration; alternating the configurations spreads any drift of the
     machine (clocks, allocator state) over both. ``fused`` forces the backend of the saferlhf
-    configuration (SAFERLHF_OPS); None: the dispatcher's default.
+    configuration (SAFERLHF_OPS); None: the dispatcher's default. ``ablation`` adds the
+    configurations of ``ABLATIONS``.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -275,15 +319,19 @@ def measure(model: str = "tiny", device: str | None = None, steps: int = 2, fuse
         "generate_tokens_per_s": tokens / gen_out["generate"],
         "configs": {},
     }
-    configs = {"baseline": "reference", "saferlhf": fused}
+    configs = dict(CONFIGS)
+    if ablation:
+        configs = {"baseline": CONFIGS["baseline"], **ABLATIONS, "saferlhf": CONFIGS["saferlhf"]}
+    configs = {name: Levers(fused, c.fused_layers, c.response_logits) if c.ops is None else c
+               for name, c in configs.items()}
     warmups: dict[str, dict] = {}
     timed: dict[str, list[dict]] = {name: [] for name in configs}
     for _ in range(rounds):
-        for config, backend in configs.items():
+        for config, chosen in configs.items():
             models.reset()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            with ops_backend(backend):
+            with levers(chosen):
                 result["configs"].setdefault(config, {"ops": ops.backend_for(batch["mask"])})
                 warmups.setdefault(config, one_step(models, batch, shape, clock, dev))
                 timed[config] += [one_step(models, batch, shape, clock, dev) for _ in range(steps)]
@@ -302,6 +350,8 @@ def measure(model: str = "tiny", device: str | None = None, steps: int = 2, fuse
     base, fast = result["configs"]["baseline"], result["configs"]["saferlhf"]
     result["speedup"] = {phase: base[f"{phase}_s"] / fast[f"{phase}_s"] for phase in (*PHASES, "training")}
     result["speedup"]["step"] = fast["tokens_per_s"] / base["tokens_per_s"]
+    result["training_speedup"] = {name: base["training_s"] / result["configs"][name]["training_s"]
+                                  for name in configs if name != "baseline"}
     if "peak_actor_logprob_pass_gb" in base:
         result["memory_ratio"] = {key: base[f"{key}_gb"] / fast[f"{key}_gb"]
                                   for key in ("peak_actor_logprob_pass", "peak_actor_update")}
@@ -324,6 +374,12 @@ def format_table(result: dict) -> str:
         if f"{key}_gb" in base:
             lines.append(f"{key:<12}{base[key + '_gb']:>19.2f} GB{fast[key + '_gb']:>19.2f} GB"
                          f"{result['memory_ratio'][key]:>8.2f}×")
+    for name in result["configs"]:
+        if name not in ("baseline", "saferlhf"):
+            c = result["configs"][name]
+            lines.append(f"ablation {name}: training {c['training_s'] * 1e3:.1f} ms "
+                         f"({result['training_speedup'][name]:.2f}×; score {c['score_s'] * 1e3:.1f}, actor "
+                         f"{c['actor_s'] * 1e3:.1f}, critics {c['critics_s'] * 1e3:.1f} ms)")
     return "\n".join(lines)
 
 
@@ -335,8 +391,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of both configurations")
     parser.add_argument("--fused", choices=("native", "triton"), default=None,
                         help="backend of the saferlhf configuration (default: triton on CUDA, native on CPU)")
+    parser.add_argument("--ablation", action="store_true", help="also measure each lever alone (see ABLATIONS)")
     args = parser.parse_args()
-    result = measure(args.model, args.device, args.steps, args.fused, args.rounds)
+    result = measure(args.model, args.device, args.steps, args.fused, args.rounds, args.ablation)
     print(format_table(result))
     print(json.dumps(result))
 

@@ -13,6 +13,9 @@ What it measures (issue 4 targets, H100):
   out of place and with ``inplace_backward``;
 - ``shape_rewards`` and ``dual_gae`` (scan and loop) at B = 64, T = 1024 against the references
   (target for dual_gae ≥ 100×);
+- the decoder's fused layers, forward + backward against the references: ``rms_norm`` on the
+  (20480, 1024) activations and ``swiglu`` on the (20480, 4096) gate of the step benchmark's model
+  (32 sequences × 640 tokens);
 - then one PPO-Lagrangian step of a ~0.5B Llama with a 128k vocabulary, phase by phase, the
   reference ops against the fused ones (``benchmarks/bench_step.py --model gpu``; skip with
   ``--no-step``).
@@ -37,19 +40,19 @@ import torch
 
 
 def _import_project():
-    """(algorithms, dual_gae, logprobs, shape_rewards) modules, installed or from this checkout."""
+    """(algorithms, dual_gae, logprobs, shape_rewards, rms_norm, swiglu) modules, installed or from this checkout."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from checkout import import_saferlhf
 
     import_saferlhf()
-    from saferlhf.kernels import dual_gae, logprobs, shape_rewards
+    from saferlhf.kernels import dual_gae, logprobs, rms_norm, shape_rewards, swiglu
 
     from saferlhf import algorithms
 
-    return algorithms, dual_gae, logprobs, shape_rewards
+    return algorithms, dual_gae, logprobs, shape_rewards, rms_norm, swiglu
 
 
-algorithms, dual_gae_kernel, logprobs_kernel, shape_rewards_kernel = _import_project()
+algorithms, dual_gae_kernel, logprobs_kernel, shape_rewards_kernel, rms_norm_kernel, swiglu_kernel = _import_project()
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class Sizes:
     batch: int = 64  # B for shaping and GAE
     length: int = 1024  # T for shaping and GAE
     long_length: int = 3000  # T of the GAE check whose rows span several scan blocks
+    tokens: int = 20480  # rows of the layer benchmarks (32 sequences × 640 tokens)
+    hidden: int = 1024  # rms_norm width
+    intermediate: int = 4096  # swiglu width
     reps: int = 10
     reference_reps: int = 3  # the reference GAE loop takes ~0.1 s a call
 
@@ -192,6 +198,38 @@ def check_dual_gae(device: torch.device, batch: int, length: int) -> dict:
     return results
 
 
+def _layer_cases(device: torch.device, rows: int, hidden: int, intermediate: int, dtype: torch.dtype, seed: int = 0):
+    """(name, kernel, reference, inputs) of the two layer ops on random activations."""
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, hidden, generator=generator) * 2 + 0.5).to(dtype).to(device)
+    weight = (torch.rand(hidden, generator=generator) + 0.5).to(dtype).to(device)
+    gate = (torch.randn(rows, intermediate, generator=generator) * 3).to(dtype).to(device)
+    up = torch.randn(rows, intermediate, generator=generator).to(dtype).to(device)
+    return [
+        ("rms_norm", lambda a, w: rms_norm_kernel.rms_norm(a, w, 1e-5), lambda a, w: algorithms.rms_norm(a, w, 1e-5),
+         (x, weight)),
+        ("swiglu", swiglu_kernel.swiglu, algorithms.swiglu, (gate, up)),
+    ]  # fmt: skip
+
+
+def _value_and_grads(fn, inputs, upstream):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    return (out.detach(), *torch.autograd.grad(out, leaves, upstream))
+
+
+def check_layers(device: torch.device, rows: int, hidden: int, intermediate: int, dtype: torch.dtype) -> dict:
+    results = {}
+    for name, kernel, reference, inputs in _layer_cases(device, rows, hidden, intermediate, dtype):
+        upstream = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+        got = _value_and_grads(kernel, inputs, upstream)
+        same = _value_and_grads(reference, inputs, upstream)
+        exact = _value_and_grads(reference, [x.double() for x in inputs], upstream.double())
+        for what, k, s, e in zip(("out", "grad 0", "grad 1"), got, same, exact):
+            results[f"{name} {what} ({rows}, {inputs[0].shape[-1]}) {str(dtype)[6:]}"] = three_way_ok(k, s, e)
+    return results
+
+
 # --- benchmarks -----------------------------------------------------------------------------------
 
 
@@ -244,6 +282,46 @@ def bench_logprobs(device: torch.device, rows: int, vocab: int, reps: int) -> di
     return result
 
 
+def bench_layers(device: torch.device, rows: int, hidden: int, intermediate: int, reps: int) -> dict:
+    """Forward + backward of each layer op, kernel vs reference, bf16; peak extra memory of each."""
+    result: dict = {"rows": rows, "hidden": hidden, "intermediate": intermediate}
+    for name, kernel, reference, inputs in _layer_cases(device, rows, hidden, intermediate, torch.bfloat16):
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        upstream = torch.randn_like(inputs[0])
+        for label, fn in (("", kernel), ("reference_", reference)):
+            def full(fn=fn, leaves=leaves, upstream=upstream):
+                return torch.autograd.grad(fn(*leaves), leaves, upstream)
+
+            def forward(fn=fn, inputs=inputs):
+                with torch.no_grad():
+                    fn(*inputs)
+
+            result[f"{name}_{label}ms"] = time_ms(full, device, reps)
+            result[f"{name}_{label}fwd_ms"] = time_ms(forward, device, reps)
+            peak = peak_extra_bytes(full, device)
+            result[f"{name}_{label}peak_extra_mb"] = None if peak is None else peak / 1e6
+        result[f"{name}_speedup"] = result[f"{name}_reference_ms"] / result[f"{name}_ms"]
+        if name == "rms_norm":
+            result["rms_norm_backward_variants"] = _rms_norm_variants(leaves, upstream, device, reps)
+    return result
+
+
+def _rms_norm_variants(leaves, upstream, device, reps) -> dict[str, float]:
+    """Forward + backward ms of rms_norm for other backward tilings (tile elements, programs per SM)."""
+    saved = rms_norm_kernel.BACKWARD_TILE, rms_norm_kernel.BACKWARD_PROGRAMS_PER_SM
+    times = {}
+    try:
+        for tile in (1024, 2048, 4096, 8192):
+            for per_sm in (4, 8, 16):
+                rms_norm_kernel.BACKWARD_TILE, rms_norm_kernel.BACKWARD_PROGRAMS_PER_SM = tile, per_sm
+                times[f"tile {tile}, {per_sm}/SM"] = time_ms(
+                    lambda: torch.autograd.grad(rms_norm_kernel.rms_norm(leaves[0], leaves[1], 1e-5), leaves, upstream),
+                    device, reps)
+    finally:
+        rms_norm_kernel.BACKWARD_TILE, rms_norm_kernel.BACKWARD_PROGRAMS_PER_SM = saved
+    return times
+
+
 def bench_rollout_ops(device: torch.device, batch: int, length: int, reps: int, reference_reps: int) -> dict:
     x = _rollout(device, batch, length)
     shaping = (x["logp_old"], x["logp_ref"], x["mask"], x["reward"], x["cost"], 0.1, 5.0)
@@ -275,6 +353,8 @@ def run_checks(device: torch.device, sizes: Sizes) -> dict[str, tuple[bool, str]
     checks.update(check_shape_rewards(device, sizes.batch, sizes.length))
     checks.update(check_dual_gae(device, sizes.batch, sizes.length))
     checks.update(check_dual_gae(device, 2, sizes.long_length))
+    for dtype in (torch.float32, torch.bfloat16):
+        checks.update(check_layers(device, 37, 1000, 700, dtype))
     return checks
 
 
@@ -286,6 +366,7 @@ def run(device: torch.device, sizes: Sizes) -> dict:
     logprobs = bench_logprobs(device, sizes.rows, sizes.vocab, sizes.reps)
     logprobs["fwd_fraction_of_copy"] = logprobs["fwd_gbps"] / copy_gbps
     rollout = bench_rollout_ops(device, sizes.batch, sizes.length, sizes.reps, sizes.reference_reps)
+    layers = bench_layers(device, sizes.tokens, sizes.hidden, sizes.intermediate, sizes.reps)
     peak = logprobs["full_peak_extra_x_logits"]
     import triton
 
@@ -298,6 +379,7 @@ def run(device: torch.device, sizes: Sizes) -> dict:
         "copy_gbps": copy_gbps,
         "logprobs": logprobs,
         "rollout_ops": rollout,
+        "layers": layers,
         "targets": {
             "logprobs_fwd_fraction_of_copy>=0.8": logprobs["fwd_fraction_of_copy"] >= 0.8,
             "logprobs_full_speedup>=3": logprobs["full_speedup"] >= 3,
@@ -310,7 +392,7 @@ def run(device: torch.device, sizes: Sizes) -> dict:
 
 def format_table(summary: dict) -> str:
     """The human-readable part of the output."""
-    lp, ro = summary["logprobs"], summary["rollout_ops"]
+    lp, ro, ly = summary["logprobs"], summary["rollout_ops"], summary["layers"]
 
     def memory(key):
         value = lp[f"{key}_peak_extra_x_logits"]
@@ -332,6 +414,12 @@ def format_table(summary: dict) -> str:
         ("dual_gae scan", f"{ro['dual_gae_scan_ms']:.3f} ms, {ro['dual_gae_scan_speedup']:.0f}× reference"),
         ("dual_gae loop", f"{ro['dual_gae_loop_ms']:.3f} ms, {ro['dual_gae_loop_speedup']:.0f}× reference"),
         ("dual_gae reference", f"{ro['dual_gae_reference_ms']:.1f} ms"),
+        *((f"{op} fwd+bwd ({ly['rows']}, {ly[width]}) bf16",
+           f"{ly[op + '_ms']:.3f} ms, {ly[op + '_speedup']:.1f}× reference ({ly[op + '_reference_ms']:.3f} ms); "
+           f"fwd {ly[op + '_fwd_ms']:.3f} ms (reference {ly[op + '_reference_fwd_ms']:.3f} ms)")
+          for op, width in (("rms_norm", "hidden"), ("swiglu", "intermediate"))),
+        ("rms_norm fwd+bwd, other tilings",
+         ", ".join(f"{k}: {v:.3f}" for k, v in ly["rms_norm_backward_variants"].items())),
     ]  # fmt: skip
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -351,7 +439,7 @@ def main() -> None:
     if not args.no_step:
         import bench_step
 
-        step = bench_step.measure("gpu", "cuda")
+        step = bench_step.measure("gpu", "cuda", steps=2, rounds=3, ablation=True)
         print(bench_step.format_table(step))
         summary["step"] = step
         summary["seconds"] += step["seconds"]

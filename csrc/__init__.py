@@ -1,7 +1,8 @@
 """Native CPU ops (C++, OpenMP) for the PPO-Lagrangian hot path, JIT-built on first use.
 
 The C++ sources beside this file register torch operators in the ``saferlhf`` namespace:
-``logprobs_forward``, ``logprobs_backward``, ``shape_rewards`` and ``dual_gae`` (``torch.ops.saferlhf.*``).
+``logprobs_forward``, ``logprobs_backward``, ``shape_rewards``, ``dual_gae``, ``rms_norm_forward``,
+``rms_norm_backward``, ``swiglu_forward`` and ``swiglu_backward`` (``torch.ops.saferlhf.*``).
 They are compiled by ``torch.utils.cpp_extension.load`` the first time ``load()`` is called (10–30 s
 on two cores; cached in torch's extensions directory and reused by later processes). When no
 compiler is available or the build fails, ``load()`` logs why once and returns None, and
@@ -11,7 +12,8 @@ The functions below take the arguments of their references in ``saferlhf.algorit
 dtypes and layouts, then call the operator); they need a successful ``load()``. Float64 inputs are
 not served here: float64 is the tests' ground truth and stays on the reference.
 
-Notation: N rows of logits (all leading dimensions), V vocabulary, B rows, T tokens, K constraints.
+Notation: N rows of logits or activations (all leading dimensions), V vocabulary, H hidden size,
+B rows, T tokens, K constraints.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = ("logprobs.cpp", "shape_rewards.cpp", "dual_gae.cpp")
+_SOURCES = ("logprobs.cpp", "shape_rewards.cpp", "dual_gae.cpp", "rms_norm.cpp", "swiglu.cpp")
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "ops" once a build was attempted (None when it failed)
@@ -200,3 +202,88 @@ def dual_gae(
     if one_constraint:
         adv_c, ret_c = adv_c.squeeze(0), ret_c.squeeze(0)  # (B, T)
     return adv_r, ret_r, adv_c, ret_c, adv
+
+
+_LAYER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _rows(t: torch.Tensor, rows: int, hidden: int) -> torch.Tensor:
+    """``t`` as (N, H) rows contiguous in H: a view where one exists (any stride between rows), else a copy."""
+    t = t.reshape(rows, hidden)
+    return t if t.stride(-1) == 1 or hidden == 1 else t.contiguous()
+
+
+class _RMSNorm(torch.autograd.Function):
+    """rms_norm with the native forward and backward; the forward keeps r = 1/rms, one float32 per row."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        hidden = x.shape[-1]
+        rows = _rows(x, x.numel() // hidden, hidden)  # (N, H)
+        y, rstd = _require().rms_norm_forward(rows, weight, eps)  # (N, H), (N,) float32
+        ctx.save_for_backward(rows, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        rows, weight, rstd = ctx.saved_tensors
+        grad_rows = _rows(grad_y.to(rows.dtype), *rows.shape)  # (N, H)
+        grad_x, grad_w = _require().rms_norm_backward(grad_rows, rows, weight, rstd)  # (N, H), (H,)
+        return grad_x.view(grad_y.shape), grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension (as ``LlamaRMSNorm``), differentiable w.r.t. ``x`` and ``weight``.
+
+    See ``saferlhf.algorithms.rms_norm``; the weight multiply sees the normalised activations rounded
+    to x's dtype, as there.
+
+    Args:
+        x: (..., H) float32, bfloat16 or float16, H > 0; any strides (a copy is made unless the last
+            dimension is contiguous and the leading ones flatten to rows).
+        weight: (H,) of x's dtype.
+        eps: added to the mean square.
+    Returns:
+        (..., H) in x's dtype.
+    """
+    if x.dtype not in _LAYER_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must be (..., H) with H > 0, got {tuple(x.shape)}")
+    if weight.dtype != x.dtype or weight.shape != x.shape[-1:]:
+        raise ValueError(f"weight must be ({x.shape[-1]},) {x.dtype}, got {tuple(weight.shape)} {weight.dtype}")
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        raise ValueError(f"the native ops serve CPU tensors, got x on {x.device} and weight on {weight.device}")
+    return _RMSNorm.apply(x, weight.contiguous(), float(eps))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """swiglu with the native forward and backward; keeps gate and up (σ is recomputed)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.save_for_backward(gate, up)
+        return _require().swiglu_forward(gate, up)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        return _require().swiglu_backward(grad.to(gate.dtype).contiguous(), gate, up)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up, differentiable w.r.t. both; see ``saferlhf.algorithms.swiglu``.
+
+    Args:
+        gate, up: CPU tensors of one shape and one dtype (float32, bfloat16 or float16), any strides.
+    Returns:
+        the same shape and dtype, contiguous.
+    """
+    if gate.dtype not in _LAYER_DTYPES:
+        raise TypeError(f"gate must be float32, bfloat16 or float16, got {gate.dtype}")
+    if up.shape != gate.shape or up.dtype != gate.dtype:
+        raise ValueError(f"up {tuple(up.shape)} {up.dtype} must match gate {tuple(gate.shape)} {gate.dtype}")
+    if gate.device.type != "cpu" or up.device.type != "cpu":
+        raise ValueError(f"the native ops serve CPU tensors, got gate on {gate.device} and up on {up.device}")
+    return _SwiGLU.apply(gate, up)

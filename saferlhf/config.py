@@ -59,6 +59,7 @@ class ModelConfig:
     max_length: int = _f(512, "max tokens of prompt + response")
     chat_template: bool = _f(False, "use the tokenizer's chat template instead of the paper's template")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
+    fused_layers: bool = _f(True, "RMSNorm and SwiGLU of Llama-family models through saferlhf.ops (fused kernels)")
     trust_remote_code: bool = _f(False, "allow custom modelling code from the checkpoint")
 
 

@@ -34,23 +34,28 @@ keeps 2Ψ weights + 2Ψ gradients + 12Ψ optimizer states = fp32 master weights,
   bucket the trainer configures.
 - A fixed runtime overhead (CUDA context, NCCL, allocator fragmentation): ``--overhead-gb``.
 
-Transient: only one phase runs at a time, so the largest one counts (bytes per GPU):
+Transient: only one phase runs at a time, so the largest one counts (bytes per GPU). ``--logprobs``
+names the configuration: ``fused`` is the trainer's (fused log-probs, the fused RMSNorm and SwiGLU
+of ``saferlhf.models.fused``, the LM head over the response's T + 1 positions only); ``reference``
+is the original's (``SAFERLHF_OPS=reference``: transformers' layers, the LM head over all L):
 
 - actor update, per token of the micro-batch (m·L tokens), what autograd saves per block:
-  2·(4h + 2bh) for the two RMSNorms (an fp32 copy of the input, the normalised input and the
-  output) + 5·b·a·d for attention (q, k and v after RoPE, k and v repeated to a heads because a
-  padding mask rules out GQA inside SDPA, the output and its contiguous copy) + 4·b·i for the
-  SwiGLU MLP (gate, up, SiLU(gate), their product); n blocks of it, or with gradient checkpointing
-  n·b·h (the block inputs) + one block recomputed; plus the final norm (4h + 2bh). On top, the
-  logits (m, L, V) stay alive through the backward, and the log-prob op adds, in units of m·V bytes:
-  fused kernel: (m, T, V) gradient + (m, L, V) gradient of the slice = 2Lb + Tb in all;
-  reference (fp32 upcast + log_softmax + gather): max(Lb + 12T, 2Lb + Tb) — the saved fp32
-  log-softmax, its incoming gradient and its input gradient (3 × 4T) at the worst moment.
+  for the two RMSNorms 2·(4h + 2bh) (an fp32 copy of the input, the normalised input and the
+  output), fused 2·(2bh + 4) (the input, 1/rms and the output) + 5·b·a·d for attention (q, k and v
+  after RoPE, k and v repeated to a heads because a padding mask rules out GQA inside SDPA, the
+  output and its contiguous copy) + for the SwiGLU MLP 4·b·i (gate, up, SiLU(gate), their
+  product), fused 3·b·i (no SiLU(gate)); n blocks of it, or with gradient checkpointing n·b·h (the
+  block inputs) + one block recomputed; plus the final norm. On top, the logits (m, H, V) stay
+  alive through the backward (H head positions: T + 1 fused, L reference), and the log-prob op
+  adds, in units of m·V bytes: fused kernel: (m, T, V) gradient + (m, H, V) gradient of the slice =
+  2Hb + Tb in all; reference (fp32 upcast + log_softmax + gather): max(Lb + 12T, 2Lb + Tb) — the
+  saved fp32 log-softmax, its incoming gradient and its input gradient (3 × 4T) at the worst moment.
 - critic update: the same activations for the critic's shape, without logits.
 - log-prob pass (actor or reference, no grad, R sequences): max(R·L·b·(2h + 3i) inside a block,
-  R·L·b·h + R·L·V·b + op) with op = 0 for the fused kernel and 2 × 4·R·T·V for the reference
-  (the fp32 upcast, then the log-softmax output next to it).
-- entropy pass (actor, ``saferlhf.trainers.passes.mean_entropy``): the logits R·L·V·b, a copy of
+  R·L·b·h + R·H·V·b + op) with op = the head's input copy R·(T + 1)·b·h for the fused
+  configuration and 2 × 4·R·T·V for the reference (the fp32 upcast, then the log-softmax output
+  next to it).
+- entropy pass (actor, ``saferlhf.trainers.passes.mean_entropy``): the logits R·H·V·b, a copy of
   the response logits R·T·V·b (reshaping the non-contiguous (R, T, V) slice copies it when R > 1)
   and 16 bytes per element of one chunk of ENTROPY_CHUNK rows of V (its fp32 temporaries).
 - score pass (reward, cost, critics' values, no grad): R·L·b·(2h + 3i) inside a block.
@@ -58,8 +63,8 @@ Transient: only one phase runs at a time, so the largest one counts (bytes per G
   (e.g. a vLLM pool; an engine that sleeps during training frees it, so it is a phase too).
 
 Against measurements (benchmarks/RESULTS.md, H100, 514M Llama, V = 128256, rollout 32 × (128 + 512),
-micro-batch 8, plain torch bf16): log-prob pass 22.06 GB (reference) / 5.30 GB (fused), predicted
-22.11 / 5.30; one actor update 12.47 / 8.53 GB, predicted 12.52 / 8.58 (tests/test_memory_model.py).
+micro-batch 8, plain torch bf16): log-prob pass 22.06 GB (reference) / 4.29 GB (fused), predicted
+22.11 / 4.29; one actor update 12.47 / 6.64 GB, predicted 12.52 / 6.70 (tests/test_memory_model.py).
 
 Not modelled: DeepSpeed's bf16 optimizer at stages 0–1 may also keep fp32 gradient accumulators;
 ZeRO-3's live-parameter cache beyond the prefetch bucket; the attention mask, the rollout's own
@@ -348,19 +353,24 @@ class Estimate:
         }
 
 
-def _block_activations(s: ModelShape, b: int) -> int:
+def _norm_activations(s: ModelShape, b: int, fused: bool) -> int:
+    """Bytes one RMSNorm keeps per token for the backward (module docstring)."""
+    return 2 * b * s.hidden + 4 if fused else 4 * s.hidden + 2 * b * s.hidden
+
+
+def _block_activations(s: ModelShape, b: int, fused: bool = False) -> int:
     """Bytes autograd saves per token in one block (module docstring)."""
-    norms = 2 * (4 * s.hidden + 2 * b * s.hidden)
+    norms = 2 * _norm_activations(s, b, fused)
     attention = 5 * b * s.heads * s.dim_head
-    mlp = 4 * b * s.intermediate
+    mlp = (3 if fused else 4) * b * s.intermediate
     return norms + attention + mlp
 
 
-def _backbone_activations(s: ModelShape, b: int, tokens: int, checkpointing: bool) -> float:
+def _backbone_activations(s: ModelShape, b: int, tokens: int, checkpointing: bool, fused: bool = False) -> float:
     """Saved activations of a training forward over ``tokens``, final norm included."""
-    per_block = _block_activations(s, b)
+    per_block = _block_activations(s, b, fused)
     blocks = s.layers * b * s.hidden + per_block if checkpointing else s.layers * per_block
-    return tokens * (blocks + 4 * s.hidden + 2 * b * s.hidden)
+    return tokens * (blocks + _norm_activations(s, b, fused))
 
 
 def _forward_peak(s: ModelShape, b: int, tokens: int) -> float:
@@ -372,17 +382,27 @@ def logprob_pass_bytes(c: MemoryConfig, s: ModelShape | None = None) -> float:
     """Peak extra bytes of one no-grad log-prob pass (``response_logprobs``) of R sequences."""
     s = s or c.actor
     n, seq, t, b = c.n_rollout, c.seq_len, c.n_response, c.b
-    op = 8 * n * t * s.vocab if c.logprobs == "reference" else 0
-    at_logits = n * seq * b * s.hidden + n * seq * s.vocab * b + op
+    fused = c.logprobs == "fused"
+    op = 0 if fused else 8 * n * t * s.vocab
+    at_logits = n * seq * b * s.hidden + n * _head_positions(c) * s.vocab * b + op
+    if fused:  # the LM head's input: the non-contiguous last T + 1 positions, copied
+        at_logits += n * (t + 1) * b * s.hidden
     return max(_forward_peak(s, b, n * seq), at_logits)
+
+
+def _head_positions(c: MemoryConfig) -> int:
+    """Positions the LM head runs over: the response's T + 1 (fused), every one (reference)."""
+    return min(c.n_response + 1, c.seq_len) if c.logprobs == "fused" else c.seq_len
 
 
 def actor_update_bytes(c: MemoryConfig) -> float:
     """Peak extra bytes of one actor micro-batch: saved activations + logits and their gradients."""
     s, m, seq, t, b = c.actor, c.micro_batch, c.seq_len, c.n_response, c.b
-    fused = 2 * seq * b + t * b  # logits + d(slice) + d(logits), per m·V
-    logits = fused if c.logprobs == "fused" else max(seq * b + 12 * t, fused)
-    return _backbone_activations(s, b, m * seq, c.gradient_checkpointing) + m * s.vocab * logits
+    fused = c.logprobs == "fused"
+    head = _head_positions(c)
+    kernel = 2 * head * b + t * b  # logits + d(slice) + d(logits), per m·V
+    logits = kernel if fused else max(seq * b + 12 * t, kernel)
+    return _backbone_activations(s, b, m * seq, c.gradient_checkpointing, fused) + m * s.vocab * logits
 
 
 def estimate(c: MemoryConfig) -> Estimate:
@@ -418,10 +438,11 @@ def estimate(c: MemoryConfig) -> Estimate:
     kv = 2 * c.actor.layers * c.actor.kv_heads * c.actor.dim_head * b * n * seq
     phases = {
         "actor_update": actor_update_bytes(c),
-        "critic_update": max(_backbone_activations(s, b, c.micro_batch * seq, c.gradient_checkpointing)
-                             for s in critics),
+        "critic_update": max(_backbone_activations(s, b, c.micro_batch * seq, c.gradient_checkpointing,
+                                                   c.logprobs == "fused") for s in critics),
         "logprob_pass": logprob_pass_bytes(c),
-        "entropy_pass": n * seq * c.actor.vocab * b + copy + 16 * min(ENTROPY_CHUNK, n * t) * c.actor.vocab,
+        "entropy_pass": (n * _head_positions(c) * c.actor.vocab * b + copy
+                         + 16 * min(ENTROPY_CHUNK, n * t) * c.actor.vocab),
         "score_pass": max(_forward_peak(s, b, n * seq) for s in scorers),
         "generation": c.kv_cache_gb * GB if c.kv_cache_gb is not None else float(kv),
     }

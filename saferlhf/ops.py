@@ -15,6 +15,11 @@ Two kinds of call always take the reference, whatever the backend:
 - ``shape_rewards`` and ``dual_gae`` calls where an input (λ included) requires grad: the fused
   versions have no backward, and rollout tensors carry no gradient, so the trainer never hits this.
 
+The ops: ``logprobs``, ``shape_rewards``, ``dual_gae`` (the RL hot path) and ``rms_norm``, ``swiglu``
+(the decoder's elementwise layers, which ``saferlhf.models.fused`` swaps into transformers models).
+``SAFERLHF_OPS=reference`` also stands for the original computation outside the ops: the log-prob
+passes then run the LM head over every position (``reference_forced``, ``trainers/passes.py``).
+
 Nothing is chosen at import: importing this module imports neither triton nor builds the C++ ops.
 """
 
@@ -48,6 +53,11 @@ def _forced() -> str | None:
     if name not in BACKENDS:
         raise ValueError(f"SAFERLHF_OPS must be one of {BACKENDS}, got {name!r}")
     return name
+
+
+def reference_forced() -> bool:
+    """Whether SAFERLHF_OPS=reference asks for the original computation everywhere (see passes.py)."""
+    return _forced() == "reference"
 
 
 def _triton_installed() -> bool:
@@ -166,3 +176,31 @@ def dual_gae(
 
         return triton_dual_gae(rewards, costs, values_r, values_c, mask, gamma, lam, lagrange_lambda)
     return csrc.dual_gae(rewards, costs, values_r, values_c, mask, gamma, lam, lagrange_lambda)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension as ``LlamaRMSNorm``; see ``saferlhf.algorithms.rms_norm``.
+
+    The fused versions serve a weight of the activations' dtype; any other call (a float32 weight on
+    bfloat16 activations, float64) takes the reference. Differentiable w.r.t. ``x`` and ``weight``.
+    """
+    backend = backend_for(x)
+    if backend == "reference" or weight.dtype != x.dtype:
+        return algorithms.rms_norm(x, weight, eps)
+    if backend == "triton":
+        from saferlhf.kernels.rms_norm import rms_norm as triton_rms_norm
+
+        return triton_rms_norm(x, weight, eps)
+    return csrc.rms_norm(x, weight, eps)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up (Llama's MLP gate); see ``saferlhf.algorithms.swiglu``. Differentiable."""
+    backend = backend_for(gate)
+    if backend == "reference" or up.dtype != gate.dtype or up.shape != gate.shape:
+        return algorithms.swiglu(gate, up)
+    if backend == "triton":
+        from saferlhf.kernels.swiglu import swiglu as triton_swiglu
+
+        return triton_swiglu(gate, up)
+    return csrc.swiglu(gate, up)

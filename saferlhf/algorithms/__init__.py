@@ -6,6 +6,7 @@ Only torch is imported here: no config objects, no models, no state beyond the L
 from saferlhf.algorithms.gae import dual_gae, gae, lagrangian_advantage
 from saferlhf.algorithms.kl import KL_ESTIMATORS, kl_estimate
 from saferlhf.algorithms.lagrange import LagrangeMultiplier, MultiLagrange, PIDLagrangian
+from saferlhf.algorithms.layers import rms_norm, swiglu
 from saferlhf.algorithms.logprobs import entropy_from_logits, gather_logprobs
 from saferlhf.algorithms.losses import (
     CostModelLossOutput,
@@ -52,8 +53,10 @@ __all__ = [
     "per_sequence_mean",
     "policy_loss",
     "reward_model_loss",
+    "rms_norm",
     "sequence_logprob_sums",
     "sft_loss",
     "shape_rewards",
+    "swiglu",
     "value_loss",
 ]

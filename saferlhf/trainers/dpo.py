@@ -27,6 +27,7 @@ from saferlhf import distributed, ops
 from saferlhf.algorithms import divergence_mask, dpo_loss, sequence_logprob_sums
 from saferlhf.config import Config
 from saferlhf.data.collate import PairBatch, PairDataset
+from saferlhf.models.fused import use_fused_layers
 from saferlhf.models.hf import load_causal_lm, load_tokenizer
 from saferlhf.trainers.common import eval_batches, logger, plot_metrics, save_model, setup_run, train_ds_config
 from saferlhf.trainers.data import load_splits
@@ -89,10 +90,13 @@ def train_dpo(cfg: Config) -> dict[str, float]:
     run = setup_run(cfg)
     beta, path = cfg.dpo.beta, cfg.model.name_or_path
     tokenizer = load_tokenizer(cfg.model.tokenizer or path, padding_side="right")
-    load = lambda checkpointing: load_causal_lm(  # noqa: E731
-        path, dtype=cfg.model.dtype, tokenizer=tokenizer, gradient_checkpointing=checkpointing,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    def load(checkpointing: bool):
+        model = load_causal_lm(path, dtype=cfg.model.dtype, tokenizer=tokenizer, gradient_checkpointing=checkpointing,
+                               trust_remote_code=cfg.model.trust_remote_code)
+        if cfg.model.fused_layers:
+            use_fused_layers(model)
+        return model
+
     train_rows, eval_rows = load_splits(cfg.data, "preference", cfg.run.seed)
     make = lambda rows: PairDataset(rows, tokenizer, cfg.model.max_length,  # noqa: E731
                                     target=LABELS[cfg.dpo.label], chat_template=cfg.model.chat_template)

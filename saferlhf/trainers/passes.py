@@ -22,10 +22,19 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature: float):
-    """Log-probs of the response tokens, (N, T), and the logits slice they came from, (N, T, V)."""
+    """Log-probs of the response tokens, (N, T), and the logits slice they came from, (N, T, V).
+
+    Only the last T + 1 positions go through the LM head (``logits_to_keep``): the response's
+    tokens are predicted from positions P - 1 … L - 2, and the prompt's logits are never needed. At
+    a 128k vocabulary the head is a quarter of a small model's work and its (N, L, V) output the
+    largest tensor of the pass. Under ``SAFERLHF_OPS=reference`` the logits of every position are
+    computed and sliced, as the original safe-rlhf code does (the same numbers, more work).
+    """
+    n_keep = sequences.shape[1] - prompt_len + 1
+    keep = {} if ops.reference_forced() else {"logits_to_keep": n_keep}
     logits = model(input_ids=sequences, attention_mask=attention_mask,
-                   position_ids=position_ids(attention_mask)).logits
-    logits = logits[:, prompt_len - 1 : -1]  # (N, T, V)
+                   position_ids=position_ids(attention_mask), **keep).logits
+    logits = logits[:, -n_keep:-1]  # (N, T, V)
     return ops.logprobs(logits, sequences[:, prompt_len:], temperature), logits
 
 

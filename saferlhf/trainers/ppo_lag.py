@@ -38,6 +38,7 @@ from saferlhf.algorithms import (
 )
 from saferlhf.config import Config
 from saferlhf.data.collate import PromptDataset, SFTDataset
+from saferlhf.models.fused import use_fused_layers
 from saferlhf.models.hf import load_causal_lm, load_tokenizer
 from saferlhf.models.score_model import ScoreModel
 from saferlhf.rollout import make_generator
@@ -179,23 +180,29 @@ class PPOLagTrainer:
         def frozen(model):
             return distributed.make_engine(model, _engine_config(cfg, world, lr=0.0, weight_decay=0.0, train=False))
 
-        load = lambda path: load_causal_lm(path, dtype=cfg.model.dtype, tokenizer=self.tokenizer,  # noqa: E731
-                                           gradient_checkpointing=cfg.model.gradient_checkpointing)
+        def fused(model):
+            if cfg.model.fused_layers:
+                use_fused_layers(model)
+            return model
+
+        load = lambda path: fused(load_causal_lm(path, dtype=cfg.model.dtype, tokenizer=self.tokenizer,  # noqa: E731
+                                                 gradient_checkpointing=cfg.model.gradient_checkpointing))
+        score_model = lambda path: fused(ScoreModel.from_pretrained(path, dtype=cfg.model.dtype))  # noqa: E731
         self.actor = trained(load(actor_path), cfg.optim.lr, cfg.optim.weight_decay)
         self.ref = frozen(load(actor_path))
-        self.reward = Scorer(frozen(ScoreModel.from_pretrained(p.reward_model, dtype=cfg.model.dtype)),
+        self.reward = Scorer(frozen(score_model(p.reward_model)),
                              load_tokenizer(p.reward_model, padding_side="right"), self.tokenizer,
                              cfg.model.max_length, device)
         self.cost = None
         if p.cost_model:
-            self.cost = Scorer(frozen(ScoreModel.from_pretrained(p.cost_model, dtype=cfg.model.dtype)),
+            self.cost = Scorer(frozen(score_model(p.cost_model)),
                                load_tokenizer(p.cost_model, padding_side="right"), self.tokenizer,
                                cfg.model.max_length, device)
-        self.critic_r = trained(ScoreModel.from_pretrained(critic_paths["reward"], dtype=cfg.model.dtype),
+        self.critic_r = trained(score_model(critic_paths["reward"]),
                                 p.critic_lr, p.critic_weight_decay)
         self.critic_c = None
         if self.use_cost_critic:
-            self.critic_c = trained(ScoreModel.from_pretrained(critic_paths["cost"], dtype=cfg.model.dtype),
+            self.critic_c = trained(score_model(critic_paths["cost"]),
                                     p.critic_lr, p.critic_weight_decay)
         self.lagrange = make_lagrange(cfg) if self.mode == "ppo_lag" else None
         self.generator = make_generator(cfg, self.actor, self.tokenizer, actor_path)

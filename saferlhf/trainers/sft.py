@@ -8,6 +8,7 @@ from saferlhf import distributed
 from saferlhf.algorithms import sft_loss
 from saferlhf.config import Config
 from saferlhf.data.collate import SFTDataset
+from saferlhf.models.fused import use_fused_layers
 from saferlhf.models.hf import load_causal_lm, load_tokenizer
 from saferlhf.trainers.common import eval_batches, plot_metrics, save_model, setup_run, train_ds_config
 from saferlhf.trainers.data import load_splits
@@ -23,6 +24,8 @@ def train_sft(cfg: Config) -> dict[str, float]:
         cfg.model.name_or_path, dtype=cfg.model.dtype, tokenizer=tokenizer,
         gradient_checkpointing=cfg.model.gradient_checkpointing, trust_remote_code=cfg.model.trust_remote_code,
     )
+    if cfg.model.fused_layers:
+        use_fused_layers(model)
     train_rows, eval_rows = load_splits(cfg.data, "sft", cfg.run.seed)
     train_set = SFTDataset(train_rows, tokenizer, cfg.model.max_length, chat_template=cfg.model.chat_template)
     eval_set = SFTDataset(eval_rows, tokenizer, cfg.model.max_length, chat_template=cfg.model.chat_template)

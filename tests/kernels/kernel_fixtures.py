@@ -24,7 +24,10 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-KERNEL_MODULES = ("saferlhf.kernels.logprobs", "saferlhf.kernels.shape_rewards", "saferlhf.kernels.dual_gae")
+KERNEL_MODULES = (
+    "saferlhf.kernels.logprobs", "saferlhf.kernels.shape_rewards", "saferlhf.kernels.dual_gae",
+    "saferlhf.kernels.rms_norm", "saferlhf.kernels.swiglu",
+)
 
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
@@ -64,6 +67,8 @@ def native() -> SimpleNamespace:
         logprobs=csrc.logprobs,
         shape_rewards=csrc.shape_rewards,
         dual_gae=csrc.dual_gae,
+        rms_norm=csrc.rms_norm,
+        swiglu=csrc.swiglu,
     )
 
 
@@ -73,7 +78,9 @@ def triton_impl() -> SimpleNamespace:
     pytest.importorskip("triton")
     from saferlhf.kernels.dual_gae import dual_gae
     from saferlhf.kernels.logprobs import logprobs
+    from saferlhf.kernels.rms_norm import rms_norm
     from saferlhf.kernels.shape_rewards import shape_rewards
+    from saferlhf.kernels.swiglu import swiglu
 
     return SimpleNamespace(
         name="triton",
@@ -81,6 +88,8 @@ def triton_impl() -> SimpleNamespace:
         logprobs=logprobs,
         shape_rewards=shape_rewards,
         dual_gae=dual_gae,
+        rms_norm=rms_norm,
+        swiglu=swiglu,
     )
 
 

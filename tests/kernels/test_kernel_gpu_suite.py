@@ -28,7 +28,8 @@ def gpu_suite():
 
 def test_suite_runs_on_tiny_shapes(gpu_suite):
     tiny = gpu_suite.Sizes(
-        copy_numel=4096, rows=4, vocab=300, check_rows=2, batch=5, length=16, long_length=40, reps=1, reference_reps=1
+        copy_numel=4096, rows=4, vocab=300, check_rows=2, batch=5, length=16, long_length=40, tokens=6, hidden=40,
+        intermediate=24, reps=1, reference_reps=1,
     )
     summary = gpu_suite.run(DEVICE, tiny)
     assert summary["correct"], summary["failed_checks"]
