@@ -3,7 +3,10 @@
 The trainer wraps each phase of a step in ``with phases("score"):``. For each phase the timer adds up
 the wall time within the step (a phase may be entered several times: the actor and critic updates
 alternate over the mini-batches), waits for the device at both ends so the time is the phase's
-own, and on CUDA records the peak memory allocated inside the phase. Each phase is also a
+own, and records the phase's peak memory: on CUDA the peak allocated by torch
+(``memory/<phase>_peak_gb``), on CPU (Linux) the process's peak resident set, engine and all
+(``memory/<phase>_peak_rss_gb``; the kernel's high-water mark is reset at the start of the phase
+through ``/proc/self/clear_refs``). Each phase is also a
 ``torch.profiler.record_function`` range named ``phase/<name>``, so a trace shows the phases and
 :func:`top_ops_by_phase` can attribute operators to them.
 
@@ -23,12 +26,37 @@ from pathlib import Path
 
 import torch
 
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def reset_rss_peak() -> bool:
+    """Resets this process's peak resident set (VmHWM) to its current size; False where unsupported."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_peak_bytes() -> int | None:
+    """This process's peak resident set since start or the last reset (VmHWM), or None."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
+
 
 class PhaseTimer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
         self.peak_bytes: dict[str, int] = {}
+        self.peak_rss: dict[str, int] = {}
+        self.rss = device.type == "cpu" and reset_rss_peak()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -42,6 +70,8 @@ class PhaseTimer:
         self._sync()
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self.rss:
+            reset_rss_peak()
         start = time.perf_counter()
         with torch.profiler.record_function(f"phase/{name}"):
             yield
@@ -49,13 +79,18 @@ class PhaseTimer:
         self.seconds[name] += time.perf_counter() - start
         if cuda:
             self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), torch.cuda.max_memory_allocated(self.device))
+        if self.rss and (peak := rss_peak_bytes()) is not None:
+            self.peak_rss[name] = max(self.peak_rss.get(name, 0), peak)
 
     def collect(self) -> dict[str, float]:
-        """This step's metrics (``time/<phase>`` seconds, ``memory/<phase>_peak_gb`` on CUDA); resets."""
+        """This step's metrics (``time/<phase>`` seconds, ``memory/<phase>_peak_gb`` on CUDA,
+        ``memory/<phase>_peak_rss_gb`` on CPU); resets."""
         out = {f"time/{k}": v for k, v in self.seconds.items()}
         out.update({f"memory/{k}_peak_gb": v / 1e9 for k, v in self.peak_bytes.items()})
+        out.update({f"memory/{k}_peak_rss_gb": v / 1e9 for k, v in self.peak_rss.items()})
         self.seconds.clear()
         self.peak_bytes.clear()
+        self.peak_rss.clear()
         return out
 
 
