@@ -14,8 +14,11 @@ Each configuration is a ``saferlhf ppo-lag`` run of ``--steps`` steps; the first
 (engine start, compilation, caches) and is left out. Per phase the trainer logs the seconds of each
 step — ``generate``, ``score`` (actor and reference log-probs, reward and cost scores, critic
 values), ``experience`` (λ update, KL shaping, both GAEs), ``actor`` and ``critics`` (the PPO update
-epochs), ``sync`` (the weight push into the engine) — and, on CUDA, the peak memory allocated inside
-each phase. The benchmark prints the mean per phase for both, their ratio, generation tokens/s,
+epochs), ``sync`` (the weight push into the engine) — and each phase's peak memory: on CUDA the
+peak allocated by torch, on CPU the peak resident set of rank 0's process (engine included). The
+benchmark runs the configurations in ``--rounds`` alternating rounds (default 2: baseline, saferlhf,
+baseline, saferlhf), so that a drift of a shared machine's load falls on both, and prints the median
+per phase over every timed step of a configuration, their ratio, generation tokens/s,
 sequences/s of whole steps and the overall ``speedup`` (baseline step time / saferlhf step time),
 and with ``--json`` one JSON line.
 
@@ -84,9 +87,10 @@ def _command(nproc: int) -> list[str]:
             str(free_port()), "-m", "saferlhf"]
 
 
-def run_config(name: str, args, models: dict[str, Path], out: Path) -> Path:
-    """One ``saferlhf ppo-lag`` run of configuration ``name``; returns its run directory."""
-    run_dir = out / name
+def run_config(name: str, args, models: dict[str, Path], out: Path, round_: int = 1) -> Path:
+    """One ``saferlhf ppo-lag`` run of configuration ``name``; returns its run directory
+    (``out/<name>``, or ``out/<name>-<round>`` when there are several rounds)."""
+    run_dir = out / (name if args.rounds == 1 else f"{name}-{round_}")
     overrides = [
         f"model.name_or_path={models['actor']}", f"ppo.reward_model={models['reward']}",
         f"ppo.cost_model={models['cost']}", f"run.out_dir={run_dir}", f"run.max_steps={args.steps}",
@@ -105,7 +109,7 @@ def run_config(name: str, args, models: dict[str, Path], out: Path) -> Path:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     cmd = [*_command(args.nproc), "ppo-lag", "--config", args.config, *overrides]
     print(f"[bench step] {name}: {' '.join(cmd[-len(overrides) - 3:])}", file=sys.stderr, flush=True)
-    log = out / f"{name}.log"
+    log = run_dir.parent / f"{run_dir.name}.log"
     with open(log, "w") as fh:
         result = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
     if result.returncode != 0:
@@ -114,19 +118,21 @@ def run_config(name: str, args, models: dict[str, Path], out: Path) -> Path:
     return run_dir
 
 
-def summarize(run_dir: Path, rollout_per_step: int) -> dict[str, float]:
-    """Mean seconds per phase over the steps after the first, tokens/s and sequences/s."""
+def summarize(run_dirs: Path | list[Path], rollout_per_step: int) -> dict[str, float]:
+    """Median seconds per phase over the steps after the first of each run, tokens/s and sequences/s."""
     from saferlhf.trainers.common import read_metrics
 
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "train/reward" in r]
-    if len(rows) < 2:
-        raise ValueError(f"{run_dir}: need at least 2 logged steps (the first is a warm-up), got {len(rows)}")
-    timed = rows[1:]
+    timed = []
+    for run_dir in [run_dirs] if isinstance(run_dirs, Path) else run_dirs:
+        rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "train/reward" in r]
+        if len(rows) < 2:
+            raise ValueError(f"{run_dir}: need at least 2 logged steps (the first is a warm-up), got {len(rows)}")
+        timed += rows[1:]
     out: dict[str, float] = {"steps": float(len(timed))}
     for phase in PHASES:
-        out[phase] = statistics.fmean(r.get(f"time/{phase}", 0.0) for r in timed)
+        out[phase] = statistics.median(r.get(f"time/{phase}", 0.0) for r in timed)
     out["step"] = sum(out[p] for p in PHASES)
-    out["tokens_per_second"] = statistics.fmean(r["rollout/tokens_per_second"] for r in timed)
+    out["tokens_per_second"] = statistics.median(r["rollout/tokens_per_second"] for r in timed)
     out["sequences_per_second"] = rollout_per_step / out["step"]
     for key in sorted({k for r in timed for k in r if k.startswith("memory/")}):
         out[key.removeprefix("memory/")] = max(r.get(key, 0.0) for r in timed)
@@ -146,6 +152,9 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     lines.append(f"{'sequences/s (step)':22} {b:11.2f} {o:11.2f} {o / b:7.2f}x")
     for key in sorted(k for k in base if k.endswith("_peak_gb")):
         lines.append(f"{'peak GB ' + key.removesuffix('_peak_gb'):22} {base[key]:11.2f} {ours.get(key, 0.0):11.2f}")
+    for key in sorted(k for k in base if k.endswith("_peak_rss_gb")):  # CPU: rank 0's resident set
+        lines.append(f"{'peak RSS GB ' + key.removesuffix('_peak_rss_gb'):22} {base[key]:11.2f} "
+                     f"{ours.get(key, 0.0):11.2f}")
     return "\n".join(lines)
 
 
@@ -163,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", help="model.dtype (float32; bfloat16 on GPU)")
     parser.add_argument("--config", default="tiny-cpu", help="preset whose ppo_lag stage is the base (tiny-cpu)")
     parser.add_argument("--configs", default="baseline,saferlhf", help="which configurations to run")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternating rounds of all configurations; figures are medians over every round's "
+                             "timed steps (2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/bench-step", help="output directory (runs/bench-step)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler trace + top operators per phase")
@@ -171,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for both configurations")
     args = parser.parse_args(argv)
     for flag, value in (("--nproc", args.nproc), ("--rollout", args.rollout), ("--mini-batch", args.mini_batch),
-                        ("--new-tokens", args.new_tokens)):
+                        ("--new-tokens", args.new_tokens), ("--rounds", args.rounds)):
         if value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
     if args.steps < 2:
@@ -184,11 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models = build_models(out / "models", args.model, args.seed)
-    results = {}
-    for name in configs:
-        results[name] = summarize(run_config(name, args, models, out), args.rollout * args.nproc)
+    run_dirs: dict[str, list[Path]] = {name: [] for name in configs}
+    for round_ in range(1, args.rounds + 1):  # alternating spreads the machine's drift over both
+        for name in configs:
+            run_dirs[name].append(run_config(name, args, models, out, round_))
+    results = {name: summarize(dirs, args.rollout * args.nproc) for name, dirs in run_dirs.items()}
     report = {"model": args.model, "world_size": args.nproc, "zero_stage": args.zero_stage,
-              "rollout": args.rollout * args.nproc, "new_tokens": args.new_tokens, **results}
+              "rollout": args.rollout * args.nproc, "new_tokens": args.new_tokens, "rounds": args.rounds, **results}
     if {"baseline", "saferlhf"} <= set(results):
         print(format_table(results))
         report["speedup"] = results["baseline"]["step"] / results["saferlhf"]["step"]
@@ -197,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\noverall speedup (baseline step time / saferlhf step time): {report['speedup']:.2f}x")
     if args.profile:
         for name in configs:
-            print(f"{name}: trace {out / name / 'profile' / 'trace.json'}, top operators "
-                  f"{out / name / 'profile' / 'top_ops.md'}")
+            for run_dir in run_dirs[name]:
+                print(f"{name}: trace {run_dir / 'profile' / 'trace.json'}, top operators "
+                      f"{run_dir / 'profile' / 'top_ops.md'}")
     (out / "result.json").write_text(json.dumps(report, indent=1))
     if args.json:
         print(json.dumps(report))

@@ -31,6 +31,10 @@ def test_summary_leaves_out_the_warm_up_step_and_sums_the_phases(tmp_path):
     assert out["step"] == pytest.approx(2.0 + 3.0 + 0.1 + 0.2 + 0.3)  # time/learn is not counted twice
     assert out["tokens_per_second"] == pytest.approx(250.0)
     assert out["sequences_per_second"] == pytest.approx(16 / out["step"])
+    # Several rounds: the timed steps of every run, pooled (medians).
+    _write_metrics(tmp_path / "run-2", [step(1, 50.0, 9.0), step(2, 5.0, 6.0), step(3, 7.0, 8.0)])
+    pooled = bench.summarize([tmp_path / "run", tmp_path / "run-2"], rollout_per_step=16)
+    assert pooled["steps"] == 4 and pooled["generate"] == pytest.approx(4.0) and pooled["score"] == pytest.approx(5.0)
     with pytest.raises(ValueError, match="at least 2 logged steps"):
         _write_metrics(tmp_path / "short", [step(1, 1.0, 1.0)])
         bench.summarize(tmp_path / "short", rollout_per_step=16)
@@ -38,7 +42,7 @@ def test_summary_leaves_out_the_warm_up_step_and_sums_the_phases(tmp_path):
 
 def test_bad_flags_are_usage_errors(capsys):
     for argv, message in ((["--steps", "1"], "--steps"), (["--configs", "fast"], "--configs"),
-                          (["--nproc", "0"], "--nproc")):
+                          (["--nproc", "0"], "--nproc"), (["--rounds", "0"], "--rounds")):
         with pytest.raises(SystemExit) as e:
             bench.main(argv)
         assert e.value.code == 2
@@ -51,7 +55,7 @@ def test_bench_step_runs_both_configurations_and_profiles_them(tmp_path):
     out = tmp_path / "bench"
     result = run_cli(["bench", "step", "--model", "tiny", "--nproc", "1", "--zero-stage", "0", "--steps", "3",
                       "--rollout", "4", "--mini-batch", "4", "--new-tokens", "8", "--max-length", "64",
-                      "--out", str(out), "--profile", "--json"], timeout=900)
+                      "--rounds", "1", "--out", str(out), "--profile", "--json"], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for name in ("baseline", "saferlhf"):

@@ -126,3 +126,31 @@ def test_a_bad_push_is_rejected_and_the_engine_keeps_serving_the_actor(trainer, 
     assert t.generator.restarts == restarts + reached_engine
     same, diff = t.generator.verify(t.actor, _probes(t), max_new_tokens=12)
     assert same and diff <= 1e-4
+
+
+def test_an_engine_start_leaves_the_trainers_process_as_it_was(trainer, monkeypatch):
+    """vLLM's CPU worker binds memory to a NUMA node, makes torch.set_num_threads a no-op and sets variables
+    meant for its worker processes; in the trainer's process all of that is put back once the engine is up."""
+    import os
+
+    from saferlhf.rollout.vllm_engine import memory_policy
+
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # as under torchrun with two ranks; vLLM sets the TP size
+    keys = ("LD_PRELOAD", "LOCAL_WORLD_SIZE", "NUMEXPR_MAX_THREADS", "TORCHINDUCTOR_CPP_DYNAMIC_THREADS")
+
+    def state():
+        return (torch.set_num_threads, torch.get_num_threads(), os.sched_getaffinity(0), memory_policy(),
+                {k: os.environ.get(k) for k in keys})
+
+    before = state()
+    trainer.generator.restart()  # a fresh engine in this process
+    assert state() == before
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)
+    trainer.sync_weights()  # the restarted engine still takes pushes and serves the actor
+    same, diff = trainer.generator.verify(trainer.actor, _probes(trainer), max_new_tokens=12)
+    assert same and diff <= 1e-4

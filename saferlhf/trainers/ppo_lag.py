@@ -265,6 +265,10 @@ class PPOLagTrainer:
                 batch = self.prompts.collate([self.prompts[i] for i in self.prompt_indices(step)])
                 gen = self.generator.generate(batch.input_ids, batch.attention_mask, self.sampling)
                 self.generator.sleep()
+                if self.engine_backed:
+                    # Each rank's engine finishes on its own; without this the first to finish would wait
+                    # in the score phase's first collective and its wait would be counted as scoring.
+                    distributed.barrier()
             generated = float(gen.response_mask.sum())
             exp, stats = self.make_experience(gen, step)  # phases "score" and "experience"
             stats.update(self.update(exp, step))  # phases "actor" and "critics"
