@@ -83,5 +83,7 @@ WALL_CLOCK_SUFFIXES = ("/seconds", "/tokens_per_second")
 
 
 def comparable(row: dict) -> dict:
-    """A metrics row without the values that depend on wall-clock time (phase times, throughput)."""
-    return {k: v for k, v in row.items() if not k.startswith("time") and not k.endswith(WALL_CLOCK_SUFFIXES)}
+    """A metrics row without the values that depend on wall-clock time or the machine (phase times, throughput,
+    resident memory)."""
+    return {k: v for k, v in row.items()
+            if not k.startswith(("time", "memory/")) and not k.endswith(WALL_CLOCK_SUFFIXES)}
