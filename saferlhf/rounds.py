@@ -37,7 +37,8 @@ are kept in ``DIR/round.json``; running again with different ones is an error (`
 ``until`` may differ). At the end ``DIR/report.json`` and ``DIR/report.md`` hold the numbers of
 every stage and, given the previous round's report, the round-over-round comparison.
 ``report.json`` lists every preference file used so far per model (``preference_data``: ``rm``,
-``cm``; absolute paths), so the next round, given this report, trains on them too.
+``cm``; absolute paths), so the next round, given this report, trains on them too. A round run by
+other means (``saferlhf demo``'s first round) is recorded for the next one with `write_round_record`.
 """
 
 from __future__ import annotations
@@ -776,6 +777,40 @@ def _resolve_args(
     except ConfigError as e:
         raise RoundError(str(e)) from None
     return args, preset_path, previous, previous_dir
+
+
+def write_round_record(
+    round_dir: str | Path, *, round_index: int, policy: str | Path, sft: str | Path, responses: str,
+    preference_data: dict[str, list[str]] | None = None, metrics: dict | None = None,
+) -> Path:
+    """``round_dir/report.json`` for a round that ran without `run_round`, so that the next round
+    (``previous_report=round_dir``) carries its unsafe prompts and preference files over and compares
+    with its metrics. ``saferlhf demo`` records its first round so: PPO-Lag from the SFT model with the
+    reward and cost models of the preset's data.
+
+    ``responses``: the policy's scored answers to red-team prompts (the ``responses.jsonl`` that
+    `saferlhf.evaluate.evaluate.evaluate` writes), relative to ``round_dir``; ``preference_data``:
+    per model (``rm``, ``cm``) the preference files beyond the preset's; ``metrics``: values under the
+    keys of `REPORT_METRICS` (missing ones read as unknown).
+    """
+    out = Path(round_dir)
+    if not (out / responses).is_file():
+        raise RoundError(f"round record {out}: no responses file {responses}")
+    known = {key for key, _, _, _ in REPORT_METRICS}
+    unknown = set(metrics or {}) - known
+    if unknown:
+        raise RoundError(f"round record {out}: unknown metrics {sorted(unknown)} (known: {sorted(known)})")
+    report = {
+        "round": round_index, "arguments": None, "stages": {},
+        "metrics": {key: (metrics or {}).get(key) for key, _, _, _ in REPORT_METRICS},
+        "files": {"policy": str(Path(policy).resolve()), "responses": responses},
+        "sft": str(Path(sft).resolve()),
+        "preference_data": {m: [str(Path(f).resolve()) for f in (preference_data or {}).get(m, [])]
+                            for m in ("rm", "cm")},
+        "previous": None,
+    }
+    _write_json(out / "report.json", report)
+    return out / "report.json"
 
 
 def _check_same_arguments(round_dir: Path, args: RoundArgs) -> None:

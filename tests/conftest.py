@@ -1,4 +1,5 @@
-"""Shared fixtures: the toy-world models (base → SFT → reward model → cost model), built once.
+"""Shared fixtures: the toy-world models (base → SFT → reward model → cost model), built once, and
+the demo's round 1 from them (PPO, PPO-Lag and reward shaping, each scored by the ground truth).
 
 Stages run in-process (a world of one, gloo); the distributed tests launch torchrun themselves.
 """
@@ -26,3 +27,19 @@ def toy_models(tmp_path_factory) -> ToyModels:
     rm_metrics = train_preference(stage_config("rm", root / "rm", sft))
     cm_metrics = train_preference(stage_config("cm", root / "cm", sft))
     return ToyModels(root, base, sft, root / "rm" / "model", root / "cm" / "model", rm_metrics, cm_metrics)
+
+
+@pytest.fixture(scope="session")
+def round_one(toy_models, tmp_path_factory):
+    """``saferlhf demo``'s round 1 on the toy models, with the ``tiny-cpu`` preset as the demo runs it:
+    the SFT policy's ground truth, then PPO, PPO-Lag and reward shaping from it (a `DemoResult` whose
+    ``out_dir`` holds the ``ppo``, ``ppo_lag`` and ``ppo_rs`` runs)."""
+    from saferlhf.config import resolve_preset
+    from saferlhf.pipeline import DemoResult, evaluate_policy, run_rl_comparison
+
+    result = DemoResult(tmp_path_factory.mktemp("demo"))
+    result.stages["rm"], result.stages["cm"] = toy_models.rm_metrics, toy_models.cm_metrics
+    result.policies["sft"] = evaluate_policy(toy_models.sft)
+    run_rl_comparison(result, toy_models.sft, toy_models.rm, toy_models.cm, resolve_preset("tiny-cpu"),
+                      ["run.progress=false", "run.tensorboard=false"])
+    return result

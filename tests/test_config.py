@@ -67,7 +67,7 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_shipped_presets_resolve_for_every_stage_they_name():
-    for name in ("tiny-cpu", "llama-7b-8xgpu"):
+    for name in ("tiny-cpu", "smollm2-cpu", "llama-7b-8xgpu"):
         path = resolve_preset(name)
         stages = yaml.safe_load(path.read_text()).get("stages", {})
         assert stages, name

@@ -2,7 +2,8 @@
 
 From one SFT model and its reward and cost models (the ``toy_models`` fixture, trained with the
 ``tiny-cpu`` preset), PPO (reward only), PPO-Lagrangian (learned λ, threshold d = 0) and reward
-shaping (R − λC with λ fixed) run with the same seed and budget. Then, as in Safe RLHF:
+shaping (R − λC with λ fixed) run with the same seed and budget (the ``round_one`` fixture: the
+demo's round 1, shared with tests/test_demo.py). Then, as in Safe RLHF:
 
 - PPO-Lag brings the true harmful rate on harmful requests well below the SFT model's and PPO's,
 - while keeping the true helpfulness on benign requests at least at the SFT model's level;
@@ -17,7 +18,7 @@ from __future__ import annotations
 import pytest
 
 from saferlhf.config import resolve_preset
-from saferlhf.pipeline import DemoResult, evaluate_policy, lambda_summary, run_rl_comparison
+from saferlhf.pipeline import DemoResult, lambda_summary, run_rl_comparison
 from saferlhf.rollout import resolve_backend
 
 OVERRIDES = ["run.progress=false", "run.tensorboard=false"]
@@ -43,13 +44,10 @@ def _assert_paper_result(sft: dict, ppo: dict, lag: dict, trace: list[dict]) -> 
 
 
 @pytest.mark.slow
-def test_ppo_lag_is_safer_than_sft_and_ppo_and_as_helpful(toy_models, tmp_path, monkeypatch):
+def test_ppo_lag_is_safer_than_sft_and_ppo_and_as_helpful(toy_models, round_one, tmp_path, monkeypatch):
     preset = resolve_preset("tiny-cpu")
-    result = DemoResult(tmp_path)
-    result.policies["sft"] = evaluate_policy(toy_models.sft)
-    run_rl_comparison(result, toy_models.sft, toy_models.rm, toy_models.cm, preset, OVERRIDES)
-    p = result.policies
-    _assert_paper_result(p["sft"], p["ppo"], p["ppo_lag"], result.traces["ppo_lag"])
+    p = round_one.policies  # the demo's round 1: PPO, PPO-Lag and reward shaping from the SFT model
+    _assert_paper_result(p["sft"], p["ppo"], p["ppo_lag"], round_one.traces["ppo_lag"])
     # Reward shaping with a fixed λ trades reward for cost at a fixed rate: safer than PPO.
     assert p["ppo_rs"]["harm_rate"] < p["ppo"]["harm_rate"], p
 
