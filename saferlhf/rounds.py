@@ -30,6 +30,13 @@ policy. `run_round` runs one round as six stages, each writing into ``DIR/<stage
    models (`saferlhf.evaluate.evaluate.evaluate`, ``eval/``); on toy-world prompts the ground truth
    of the policy before and after the round on held-out toy prompts (`pipeline.evaluate_policy`).
 
+Under a launcher (torchrun or the deepspeed launcher, ``WORLD_SIZE`` > 1: ``scripts/round.sh
+--num-gpus 8``, also over several nodes) every rank runs the round: the trainer stages (``models``,
+``ppo_lag``) train on all ranks with DeepSpeed, the other stages run on rank 0 while the other ranks
+wait for the stage's ``DONE`` marker (or the ``STOPPED`` marker rank 0 writes when the stage fails or
+waits for annotators, with the same error on every rank). The round directory must be on a filesystem
+that every node sees (the trainer stages read the models the earlier stages wrote).
+
 Every stage ends by writing ``stats.json`` and then the marker ``DONE`` (atomically, last). A run
 skips the stages that are done and redoes the first one that is not from scratch (its directory is
 emptied; the annotation export is kept), and every stage after it. The arguments of the first run
@@ -58,6 +65,8 @@ STAGES = ("prompts", "samples", "labels", "models", "ppo_lag", "eval")
 LABEL_SOURCES = ("toy", "judge", "annotate")
 PPO_PROMPTS = ("round", "preset")
 DONE = "DONE"
+STOPPED = "STOPPED"  # written by rank 0 when a stage it runs alone fails: the waiting ranks stop too
+TRAINER_STAGES = ("models", "ppo_lag")  # every rank takes part; the other stages run on rank 0 alone
 ARGUMENTS_FILE = "round.json"
 EVAL_PROMPTS = 256  # held-out toy prompts of the ground-truth evaluation (as `saferlhf demo`)
 # Config keys the round sets per stage; an override of one would point every stage at the same place.
@@ -172,6 +181,7 @@ class _Round:
     log: Callable[[str], None]
     previous: dict | None = None  # the previous round's report
     previous_dir: Path | None = None
+    main: bool = True  # rank 0 (or the only process): the one that writes the stage's files
 
     def config(self, stage: str, out_dir: Path, model: str, *round_keys: str):
         """A stage's config: preset → the user's overrides → the keys the round sets (which win)."""
@@ -528,7 +538,7 @@ def stage_models(rnd: _Round, out: Path) -> dict:
         specs = list(dict.fromkeys(base + [_data_spec(f, i) for i, f in enumerate(files[name])]))
         cfg = rnd.config(name, out / name, rnd.args.sft, f"data.train={_data_list(specs)}")
         rnd.log(f"{rnd.name}: training the {'reward' if name == 'rm' else 'cost'} model on {', '.join(specs)}")
-        final = train_preference(cfg)
+        final = train_preference(cfg)  # on every rank of a launched round
         stats[name] = {"data": specs, **{k: v for k, v in final.items() if isinstance(v, (int, float))}}
     rm, cm = stats["rm"], stats["cm"]
     stats["summary"] = (f"reward model accuracy {rm.get('eval/accuracy', float('nan')):.3f}, cost model accuracy "
@@ -556,6 +566,8 @@ def stage_ppo_lag(rnd: _Round, out: Path) -> dict:
         keys.append(f"data.train={_data_list([_file_spec(f'round-{rnd.args.round}-prompts', prompts, proportion)])}")
     cfg = rnd.config("ppo_lag", out, rnd.args.policy, *keys)
     final = train_ppo(cfg)
+    if not rnd.main:  # rank 0 writes the stage's stats, from the run's metrics once it has written them all
+        return {}
     trace = [r for r in read_metrics(out / "metrics.jsonl") if "train/lambda" in r]
     stats = {"data": list(cfg.data.train), "steps": len(trace),
              "final": {k: v for k, v in final.items() if k.startswith("train/") and isinstance(v, (int, float))}}
@@ -729,9 +741,6 @@ def _resolve_args(
     from saferlhf.data.registry import parse_spec
     from saferlhf.data.schema import DataError
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise RoundError("saferlhf round runs in one process; launch it without a multi-process launcher "
-                         "(or run the stages one by one with scripts/*.sh)")
     if labels not in LABEL_SOURCES:
         raise RoundError(f"labels must be one of {', '.join(LABEL_SOURCES)}, got {labels!r}")
     if labels == "judge" and not (judge_url and judge_model):
@@ -854,37 +863,120 @@ def run_round(
         policy=policy, round_index=round_index, sft=sft, prompts=prompts, previous_data=previous_data,
         labels=labels, judge_url=judge_url, judge_model=judge_model, preset=preset, overrides=overrides,
         previous_report=previous_report, eval_prompts=eval_prompts, ppo_prompts=ppo_prompts)
-    _check_same_arguments(out, args)
-    rnd = _Round(out, args, preset_path, Path(sheet).resolve() if sheet else None, log, previous, previous_dir)
+    ranks = _Ranks.start()
+    if ranks.main:
+        _check_same_arguments(out, args)
+    else:
+        log = _quiet
+    ranks.barrier()
+    rnd = _Round(out, args, preset_path, Path(sheet).resolve() if sheet else None, log, previous, previous_dir,
+                 ranks.main)
     result = RoundResult(out, {})
     stats: dict[str, dict] = {}
     redo = False  # once a stage runs, every later stage is stale and runs too
     for i, name in enumerate(STAGES, start=1):
         stage_dir = out / name
         tag = f"{rnd.name} [{i}/{len(STAGES)}] {name}"
-        if not redo and (stage_dir / DONE).is_file():
+        # Every rank decides from the same files, read before rank 0 may clear them.
+        done = (stage_dir / DONE).is_file()
+        ranks.barrier()
+        if not redo and done:
             stats[name] = json.loads((stage_dir / "stats.json").read_text(encoding="utf-8"))
             result.skipped.append(name)
             log(f"{tag}: done already, skipped")
         else:
             redo = True
-            log(f"{tag}: running")
-            _clear(stage_dir, keep=ANNOTATION_FILES if name == "labels" else ())
-            start = time.perf_counter()
-            stats[name] = STAGE_FUNCTIONS[name](rnd, stage_dir)
-            stats[name]["seconds"] = round(time.perf_counter() - start, 3)
-            _write_json(stage_dir / "stats.json", stats[name])
-            _mark_done(stage_dir, stats[name]["seconds"])
+            log(f"{tag}: running" + (f" on {ranks.world_size} ranks" if ranks.world_size > 1 and
+                                     name in TRAINER_STAGES else ""))
+            if ranks.main:
+                _clear(stage_dir, keep=ANNOTATION_FILES if name == "labels" else ())
+            ranks.barrier()
+            if ranks.main or name in TRAINER_STAGES:
+                stats[name] = _run_stage(rnd, name, stage_dir, ranks)
+            else:
+                stats[name] = _wait_for_stage(stage_dir)
+            ranks.barrier()
+            if not ranks.main:  # rank 0's numbers, for every rank's report
+                stats[name] = json.loads((stage_dir / "stats.json").read_text(encoding="utf-8"))
             result.ran.append(name)
             log(f"{tag}: done in {stats[name]['seconds']:.0f} s: {stats[name]['summary']}")
         if name == until:
             break
     result.report = build_report(rnd, stats)
-    if "eval" in stats:
+    if "eval" in stats and ranks.main:
         _write_json(out / "report.json", result.report)
         (out / "report.md").write_text(format_report(result.report), encoding="utf-8")
         log(f"{rnd.name}: report in {out / 'report.md'}")
+    ranks.barrier()
     return result
+
+
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the round."""
+
+
+@dataclass(frozen=True)
+class _Ranks:
+    """This process's place in a launched round (a world of one without a launcher)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls) -> _Ranks:
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from saferlhf import distributed
+
+        info = distributed.init_distributed()  # the trainer stages join this process group
+        return cls(info.rank, info.world_size)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            from saferlhf import distributed
+
+            distributed.barrier()
+
+
+def _run_stage(rnd: _Round, name: str, stage_dir: Path, ranks: _Ranks) -> dict:
+    """Run a stage here; rank 0 writes its ``stats.json`` and ``DONE`` (or ``STOPPED`` when it fails)."""
+    start = time.perf_counter()
+    try:
+        stats = STAGE_FUNCTIONS[name](rnd, stage_dir)
+    except BaseException as e:
+        if ranks.world_size > 1 and ranks.main and name not in TRAINER_STAGES:
+            _write_json(stage_dir / STOPPED, {"error": type(e).__name__, "message": str(e),
+                                              "sheet": str(getattr(e, "sheet", "") or "")})
+        raise
+    if not ranks.main:
+        return {}
+    stats["seconds"] = round(time.perf_counter() - start, 3)
+    _write_json(stage_dir / "stats.json", stats)
+    _mark_done(stage_dir, stats["seconds"])
+    return stats
+
+
+def _wait_for_stage(stage_dir: Path, poll: float = 1.0) -> dict:
+    """Wait (without a deadline: the launcher stops every rank when rank 0 dies) for rank 0 to finish
+    a stage it runs alone; raise rank 0's error when it wrote ``STOPPED``."""
+    while not (stage_dir / DONE).is_file():
+        stopped = stage_dir / STOPPED
+        if stopped.is_file():
+            try:
+                info = json.loads(stopped.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:  # being written
+                time.sleep(poll)
+                continue
+            message = f"rank 0 stopped in stage {stage_dir.name}: {info['message']}"
+            if info["error"] == "AwaitingAnnotation":
+                raise AwaitingAnnotation(info["message"], Path(info["sheet"]))
+            raise RoundError(message)
+        time.sleep(poll)
+    return {}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,12 +15,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import run_cli
 
 from saferlhf.cli import main
 from saferlhf.config import build_config, resolve_preset
 from saferlhf.data import toyworld
 from saferlhf.data.schema import validate_rows
-from saferlhf.rounds import DONE, STAGES, RoundError, run_round
+from saferlhf.rounds import DONE, STAGES, STOPPED, AwaitingAnnotation, RoundError, _wait_for_stage, run_round
 
 # Tiny budgets: two optimizer steps per trainer, short answers, a small held-out set for the models.
 OVERRIDES = ["run.progress=false", "run.tensorboard=false", "run.max_steps=2", "rollout.max_new_tokens=16",
@@ -339,3 +340,54 @@ def test_bad_arguments_are_rejected_before_any_stage(sft, tmp_path, capsys):
     assert main(["round", "--out", str(out), "--policy", str(sft), "--prompts", "no-such-set", *HF]) == 2
     assert "no-such-set" in capsys.readouterr().err
     assert not (out / "prompts").exists()
+
+
+def test_ranks_waiting_for_a_stage_stop_with_rank_0s_error(tmp_path):
+    """Under a launcher the ranks other than 0 wait for a stage rank 0 runs alone: they go on at its
+    DONE marker and stop with its error (the same exception, so the same exit status) at STOPPED."""
+    stage = tmp_path / "labels"
+    stage.mkdir()
+    (stage / DONE).write_text("{}")
+    assert _wait_for_stage(stage, poll=0.01) == {}
+    (stage / DONE).unlink()
+    (stage / STOPPED).write_text(json.dumps({"error": "AwaitingAnnotation", "message": "fill in sheet.csv",
+                                             "sheet": str(stage / "sheet.csv")}))
+    with pytest.raises(AwaitingAnnotation, match="fill in sheet.csv") as e:
+        _wait_for_stage(stage, poll=0.01)
+    assert e.value.sheet == stage / "sheet.csv"
+    (stage / STOPPED).write_text(json.dumps({"error": "JudgeError", "message": "HTTP 500", "sheet": ""}))
+    with pytest.raises(RoundError, match="rank 0 stopped in stage labels: HTTP 500"):
+        _wait_for_stage(stage, poll=0.01)
+
+
+@pytest.mark.slow
+def test_a_round_launched_on_two_ranks_trains_on_both_and_resumes(sft, tmp_path):
+    """``torchrun --nproc_per_node 2 -m saferlhf round`` (what ``scripts/round.sh --num-gpus 2`` runs):
+    rank 0 alone samples and exports the annotation sheet, and both ranks stop; with the filled-in
+    sheet the trainer stages run on both ranks; run again, every stage is found done."""
+    out = tmp_path / "round"
+    argv = ["round", "--out", str(out), "--policy", str(sft), "--labels", "annotate", "--prompts", PROMPTS[0],
+            "--eval-prompts", str(EVAL_PROMPTS), *HF]
+    waiting = run_cli(argv, nproc=2, timeout=600)
+    sheet = out / "labels" / "sheet.csv"
+    assert waiting.returncode != 0 and "--sheet FILLED.csv" in waiting.stderr, waiting.stderr[-3000:]
+    assert sheet.is_file() and (out / "labels" / STOPPED).is_file() and not (out / "labels" / DONE).exists()
+    assert (out / "samples" / DONE).is_file()
+
+    good = tmp_path / "good.csv"
+    fill_sheet(sheet, good)
+    done = run_cli([*argv, "--sheet", str(good)], nproc=2, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "round 1 [2/6] samples: done already, skipped" in done.stdout
+    for stage in ("models", "ppo_lag"):
+        assert f"] {stage}: running on 2 ranks" in done.stdout, done.stdout
+    for stage in ("rm", "cm", "ppo_lag"):  # the trainers' own log: both ranks in one DeepSpeed world
+        assert f"stage {stage}, world size 2" in done.stderr, stage
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["labels"]["n_rows"] > 0 and report["stages"]["ppo_lag"]["steps"] == 2
+    assert (out / "ppo_lag" / "model" / "config.json").is_file() and not (out / "labels" / STOPPED).exists()
+    assert len(read_jsonl(out / "eval" / "responses.jsonl")) == 16
+
+    again = run_cli([*argv, "--sheet", str(good)], nproc=2, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("done already, skipped") == len(STAGES)
