@@ -32,7 +32,8 @@ policy. `run_round` runs one round as six stages, each writing into ``DIR/<stage
 
 Under a launcher (torchrun or the deepspeed launcher, ``WORLD_SIZE`` > 1: ``scripts/round.sh
 --num-gpus 8``, also over several nodes) every rank runs the round: the trainer stages (``models``,
-``ppo_lag``) train on all ranks with DeepSpeed, the other stages run on rank 0 while the other ranks
+``ppo_lag``) train on all ranks with DeepSpeed, the other stages run on rank 0 (in a child process,
+a world of one, so that a vLLM engine does not join the launcher's group) while the other ranks
 wait for the stage's ``DONE`` marker (or the ``STOPPED`` marker rank 0 writes when the stage fails or
 waits for annotators, with the same error on every rank). The round directory must be on a filesystem
 that every node sees (the trainer stages read the models the earlier stages wrote).
@@ -943,10 +944,17 @@ class _Ranks:
 
 
 def _run_stage(rnd: _Round, name: str, stage_dir: Path, ranks: _Ranks) -> dict:
-    """Run a stage here; rank 0 writes its ``stats.json`` and ``DONE`` (or ``STOPPED`` when it fails)."""
+    """Run a stage here; rank 0 writes its ``stats.json`` and ``DONE`` (or ``STOPPED`` when it fails).
+
+    Rank 0 runs a stage of its own (not a trainer stage) of a launched round in a child process, a
+    world of one: a vLLM engine started in a rank of the launcher's process group would join that
+    group and wait for the other ranks."""
     start = time.perf_counter()
     try:
-        stats = STAGE_FUNCTIONS[name](rnd, stage_dir)
+        if ranks.world_size > 1 and name not in TRAINER_STAGES:
+            stats = _run_stage_in_child(rnd, name, stage_dir)
+        else:
+            stats = STAGE_FUNCTIONS[name](rnd, stage_dir)
     except BaseException as e:
         if ranks.world_size > 1 and ranks.main and name not in TRAINER_STAGES:
             _write_json(stage_dir / STOPPED, {"error": type(e).__name__, "message": str(e),
@@ -958,6 +966,71 @@ def _run_stage(rnd: _Round, name: str, stage_dir: Path, ranks: _Ranks) -> dict:
     _write_json(stage_dir / "stats.json", stats)
     _mark_done(stage_dir, stats["seconds"])
     return stats
+
+
+CHILD_CALL = ".stage-call.json"  # what the child process runs, in the stage directory
+CHILD_OUTCOME = ".stage-outcome.json"  # the child's stats, or its error
+
+
+def _run_stage_in_child(rnd: _Round, name: str, stage_dir: Path) -> dict:
+    """`_stage_child_main` in a fresh interpreter without the launcher's process-group variables;
+    its error is raised here as the same exception type (so the same exit status)."""
+    import subprocess
+    import sys
+
+    from saferlhf.distributed import child_env
+
+    call = {"stage": name, "round_dir": str(rnd.dir), "args": asdict(rnd.args), "preset_path": str(rnd.preset_path),
+            "sheet": None if rnd.sheet is None else str(rnd.sheet), "previous": rnd.previous,
+            "previous_dir": None if rnd.previous_dir is None else str(rnd.previous_dir)}
+    _write_json(stage_dir / CHILD_CALL, call)
+    (stage_dir / CHILD_OUTCOME).unlink(missing_ok=True)
+    code = "import sys; from saferlhf.rounds import _stage_child_main; sys.exit(_stage_child_main(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", code, str(stage_dir / CHILD_CALL)], env=child_env())
+    outcome_file = stage_dir / CHILD_OUTCOME
+    if not outcome_file.is_file():
+        raise RuntimeError(f"stage {name}: its process exited with status {proc.returncode} and no outcome "
+                           "(see its output above)")
+    outcome = json.loads(outcome_file.read_text(encoding="utf-8"))
+    for leftover in (CHILD_CALL, CHILD_OUTCOME):
+        (stage_dir / leftover).unlink(missing_ok=True)
+    if "stats" in outcome:
+        return outcome["stats"]
+    raise _rebuild_error(outcome)
+
+
+def _rebuild_error(info: dict) -> BaseException:
+    """The exception a stage raised in another process, from its recorded type name and message."""
+    from saferlhf.config import ConfigError
+    from saferlhf.data.schema import DataError
+    from saferlhf.evaluate.evaluate import EvalError
+    from saferlhf.judge import JudgeError
+
+    if info["error"] == "AwaitingAnnotation":
+        return AwaitingAnnotation(info["message"], Path(info["sheet"]))
+    known = {"RoundError": RoundError, "ConfigError": ConfigError, "DataError": DataError,
+             "AnnotationError": DataError, "EvalError": EvalError, "JudgeError": JudgeError}
+    return known.get(info["error"], RuntimeError)(info["message"] if info["error"] in known
+                                                  else f"{info['error']}: {info['message']}")
+
+
+def _stage_child_main(call_file: str) -> int:
+    """Run one stage as `_run_stage_in_child` asked, writing its stats or its error next to the call."""
+    call = json.loads(Path(call_file).read_text(encoding="utf-8"))
+    stage_dir = Path(call_file).parent
+    rnd = _Round(Path(call["round_dir"]), RoundArgs(**call["args"]), Path(call["preset_path"]),
+                 None if call["sheet"] is None else Path(call["sheet"]), lambda line: print(line, flush=True),
+                 call["previous"], None if call["previous_dir"] is None else Path(call["previous_dir"]))
+    try:
+        stats = STAGE_FUNCTIONS[call["stage"]](rnd, stage_dir)
+    except Exception as e:
+        _write_json(stage_dir / CHILD_OUTCOME, {"error": type(e).__name__, "message": str(e),
+                                                "sheet": str(getattr(e, "sheet", "") or "")})
+        if not isinstance(e, (RoundError, AwaitingAnnotation, ValueError)):
+            raise  # the traceback of an unexpected failure, in the round's log
+        return 1
+    _write_json(stage_dir / CHILD_OUTCOME, {"stats": stats})
+    return 0
 
 
 def _wait_for_stage(stage_dir: Path, poll: float = 1.0) -> dict:

@@ -363,16 +363,21 @@ def test_ranks_waiting_for_a_stage_stop_with_rank_0s_error(tmp_path):
 @pytest.mark.slow
 def test_a_round_launched_on_two_ranks_trains_on_both_and_resumes(sft, tmp_path):
     """``torchrun --nproc_per_node 2 -m saferlhf round`` (what ``scripts/round.sh --num-gpus 2`` runs):
-    rank 0 alone samples and exports the annotation sheet, and both ranks stop; with the filled-in
-    sheet the trainer stages run on both ranks; run again, every stage is found done."""
+    rank 0 alone samples (on a vLLM engine of its own, where vLLM is installed) and exports the
+    annotation sheet, and both ranks stop; with the filled-in sheet the trainer stages run on both
+    ranks (PPO-Lag with an engine per rank); run again, every stage is found done."""
+    from saferlhf.rollout.vllm_engine import vllm_available
+
     out = tmp_path / "round"
     argv = ["round", "--out", str(out), "--policy", str(sft), "--labels", "annotate", "--prompts", PROMPTS[0],
-            "--eval-prompts", str(EVAL_PROMPTS), *HF]
+            "--eval-prompts", str(EVAL_PROMPTS), *OVERRIDES]
     waiting = run_cli(argv, nproc=2, timeout=600)
     sheet = out / "labels" / "sheet.csv"
     assert waiting.returncode != 0 and "--sheet FILLED.csv" in waiting.stderr, waiting.stderr[-3000:]
     assert sheet.is_file() and (out / "labels" / STOPPED).is_file() and not (out / "labels" / DONE).exists()
-    assert (out / "samples" / DONE).is_file()
+    assert (out / "samples" / DONE).is_file() and not list((out / "samples").glob(".stage-*"))
+    samples = json.loads((out / "samples" / "stats.json").read_text())
+    assert samples["backend"] == ("vllm" if vllm_available() else "hf")
 
     good = tmp_path / "good.csv"
     fill_sheet(sheet, good)
