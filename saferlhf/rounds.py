@@ -950,15 +950,12 @@ def _run_stage(rnd: _Round, name: str, stage_dir: Path, ranks: _Ranks) -> dict:
     world of one: a vLLM engine started in a rank of the launcher's process group would join that
     group and wait for the other ranks."""
     start = time.perf_counter()
+    alone = ranks.world_size > 1 and name not in TRAINER_STAGES  # rank 0's own stage; the others wait for it
     try:
-        if ranks.world_size > 1 and name not in TRAINER_STAGES:
-            stats = _run_stage_in_child(rnd, name, stage_dir)
-        else:
-            stats = STAGE_FUNCTIONS[name](rnd, stage_dir)
+        stats = _run_stage_in_child(rnd, name, stage_dir) if alone else STAGE_FUNCTIONS[name](rnd, stage_dir)
     except BaseException as e:
-        if ranks.world_size > 1 and ranks.main and name not in TRAINER_STAGES:
-            _write_json(stage_dir / STOPPED, {"error": type(e).__name__, "message": str(e),
-                                              "sheet": str(getattr(e, "sheet", "") or "")})
+        if alone:
+            _write_json(stage_dir / STOPPED, _error_record(e))
         raise
     if not ranks.main:
         return {}
@@ -983,8 +980,7 @@ def _run_stage_in_child(rnd: _Round, name: str, stage_dir: Path) -> dict:
     call = {"stage": name, "round_dir": str(rnd.dir), "args": asdict(rnd.args), "preset_path": str(rnd.preset_path),
             "sheet": None if rnd.sheet is None else str(rnd.sheet), "previous": rnd.previous,
             "previous_dir": None if rnd.previous_dir is None else str(rnd.previous_dir)}
-    _write_json(stage_dir / CHILD_CALL, call)
-    (stage_dir / CHILD_OUTCOME).unlink(missing_ok=True)
+    _write_json(stage_dir / CHILD_CALL, call)  # the stage directory was emptied: no outcome of an earlier call
     code = "import sys; from saferlhf.rounds import _stage_child_main; sys.exit(_stage_child_main(sys.argv[1]))"
     proc = subprocess.run([sys.executable, "-c", code, str(stage_dir / CHILD_CALL)], env=child_env())
     outcome_file = stage_dir / CHILD_OUTCOME
@@ -999,6 +995,11 @@ def _run_stage_in_child(rnd: _Round, name: str, stage_dir: Path) -> dict:
     raise _rebuild_error(outcome)
 
 
+def _error_record(e: BaseException) -> dict:
+    """A stage's error as another process reads it back (`_rebuild_error`, `_wait_for_stage`)."""
+    return {"error": type(e).__name__, "message": str(e), "sheet": str(getattr(e, "sheet", "") or "")}
+
+
 def _rebuild_error(info: dict) -> BaseException:
     """The exception a stage raised in another process, from its recorded type name and message."""
     from saferlhf.config import ConfigError
@@ -1010,8 +1011,9 @@ def _rebuild_error(info: dict) -> BaseException:
         return AwaitingAnnotation(info["message"], Path(info["sheet"]))
     known = {"RoundError": RoundError, "ConfigError": ConfigError, "DataError": DataError,
              "AnnotationError": DataError, "EvalError": EvalError, "JudgeError": JudgeError}
-    return known.get(info["error"], RuntimeError)(info["message"] if info["error"] in known
-                                                  else f"{info['error']}: {info['message']}")
+    if info["error"] not in known:
+        return RuntimeError(f"{info['error']}: {info['message']}")
+    return known[info["error"]](info["message"])
 
 
 def _stage_child_main(call_file: str) -> int:
@@ -1024,8 +1026,7 @@ def _stage_child_main(call_file: str) -> int:
     try:
         stats = STAGE_FUNCTIONS[call["stage"]](rnd, stage_dir)
     except Exception as e:
-        _write_json(stage_dir / CHILD_OUTCOME, {"error": type(e).__name__, "message": str(e),
-                                                "sheet": str(getattr(e, "sheet", "") or "")})
+        _write_json(stage_dir / CHILD_OUTCOME, _error_record(e))
         if not isinstance(e, (RoundError, AwaitingAnnotation, ValueError)):
             raise  # the traceback of an unexpected failure, in the round's log
         return 1
