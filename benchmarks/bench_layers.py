@@ -11,9 +11,10 @@ Usage (needs a CUDA device; torch, triton and transformers only):
    for (200 calls back to back, host clock, no sync inside) — when it exceeds the device time, the
    op is launch-bound at that size.
 2. One update (forward + backward + AdamW) of a reward critic of the step benchmark's shape
-   (``bench_step.py --model gpu``, 16 layers of width 1024) on a mini-batch of 8 × 640 tokens, with
-   the fused layers and without, alternating; then a torch.profiler table of one update each (top
-   operators by host time) written next to the JSON.
+   (``bench_step.py --model gpu``, 16 layers of width 1024) on a mini-batch of 8 × 640 tokens:
+   transformers' own layers (``unfused``), the fused layers (``fused``) and the compiled decoder
+   layers (``compiled``, ``saferlhf.models.compiled``), alternating; then a torch.profiler table of
+   one update each (top operators by host time) written next to the JSON.
 """
 
 from __future__ import annotations
@@ -84,11 +85,12 @@ def critic_update(device: torch.device, out: Path | None, reps: int = 6, model: 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    configs = {"fused": bench_step.CONFIGS["saferlhf"], "unfused": bench_step.ABLATIONS["+response-logits"]}
+    configs = {"fused": bench_step.ABLATIONS["+fused-layers"], "unfused": bench_step.ABLATIONS["+response-logits"],
+               "compiled": bench_step.CONFIGS["saferlhf"]}
     times: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(reps):
         for name, levers in configs.items():
-            with bench_step.levers(levers):
+            with bench_step.levers(levers, [critic]):
                 update()  # warm-up of this configuration
                 _sync(device)
                 begin = time.perf_counter()
@@ -97,7 +99,7 @@ def critic_update(device: torch.device, out: Path | None, reps: int = 6, model: 
                 times[name].append((time.perf_counter() - begin) * 1e3)
     result = {name: statistics.median(values) for name, values in times.items()}
     for name, levers in configs.items():
-        with bench_step.levers(levers):
+        with bench_step.levers(levers, [critic]):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                     torch.profiler.ProfilerActivity.CUDA]) as prof:
                 update()

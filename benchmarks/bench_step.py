@@ -13,12 +13,16 @@ prompts and the same rollout, one after the other in one process:
   ``log_softmax`` and ``gather``, the per-token Python GAE loop, and transformers' own RMSNorm and
   MLP gate (float32 copies of the activations, SiLU and the product as separate ops);
 - ``saferlhf``: the dispatcher's default — fused Triton kernels on CUDA, native C++ ops on CPU — with
-  everything the trainer does on top: the LM head over the response positions only
-  (``passes.response_logprobs``) and the fused RMSNorm and SwiGLU layers (``saferlhf.models.fused``).
+  everything the trainer does on top: the LM head over the response positions only, without a KV
+  cache (``passes.response_logprobs``), the fused RMSNorm and SwiGLU layers (``saferlhf.models.fused``)
+  and, where the trainer's ``model.compile_layers=auto`` turns it on (CUDA), the decoder layers
+  compiled (``saferlhf.models.compiled``; ``--compile`` overrides).
 
-``--ablation`` adds two configurations between them: ``fused-ops`` (the fused log-probs, shaping and
-GAE only) and ``+response-logits`` (and the LM head over the response only), so that each lever's
-share of the gain is measured in the same run.
+``--ablation`` adds configurations between them: ``fused-ops`` (the fused log-probs, shaping and GAE
+only), ``+response-logits`` (and the LM head over the response only) and, when ``saferlhf`` compiles,
+``+fused-layers`` (everything but the compilation), so that each lever's share of the gain is
+measured in the same run. The first (warm-up) step of a compiling configuration includes the
+compilation; its training time is reported as ``warmup_training_s``.
 
 Generation (HF ``generate`` on the actor, the ``hf`` rollout backend) is the same for both and runs
 once. The configurations alternate over rounds (see ``measure``); phases, timed after a warm-up step:
@@ -58,6 +62,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from saferlhf import algorithms, ops  # noqa: E402
 from saferlhf.algorithms import policy_loss, value_loss  # noqa: E402
+from saferlhf.models.compiled import compile_layers, resolve_compile_layers, uncompile_layers  # noqa: E402
 from saferlhf.models.fused import use_fused_layers  # noqa: E402
 from saferlhf.models.score_model import ScoreModel  # noqa: E402
 from saferlhf.trainers.passes import mean_entropy, response_logprobs, response_values  # noqa: E402
@@ -104,30 +109,39 @@ class Levers:
     ops: str | None
     fused_layers: bool = True
     response_logits: bool = True
+    compile_layers: bool = False
 
 
-CONFIGS = {"baseline": Levers("reference", False, False), "saferlhf": Levers(None)}
-ABLATIONS = {"fused-ops": Levers(None, False, False), "+response-logits": Levers(None, False, True)}
+CONFIGS = {"baseline": Levers("reference", False, False), "saferlhf": Levers(None, compile_layers=True)}
+ABLATIONS = {"fused-ops": Levers(None, False, False), "+response-logits": Levers(None, False, True),
+             "+fused-layers": Levers(None)}
 
 
 @contextlib.contextmanager
-def levers(config: Levers):
+def levers(config: Levers, modules: list[torch.nn.Module]):
     """The configuration's backend (SAFERLHF_OPS) and levers for the duration.
 
     The models are patched once (``use_fused_layers``); with ``fused_layers`` off their RMSNorm and
     gate run the reference, which is transformers' own computation. With ``response_logits`` off
-    the LM head runs over every position, as under ``SAFERLHF_OPS=reference``.
+    the LM head runs over every position (and the model's default KV cache is built), as under
+    ``SAFERLHF_OPS=reference``. With ``compile_layers`` the decoder layers of ``modules`` run
+    compiled (one compiled function for all, cached across configurations and rounds).
     """
     saved = ops.rms_norm, ops.swiglu, ops.reference_forced
     if not config.fused_layers:
         ops.rms_norm, ops.swiglu = algorithms.rms_norm, algorithms.swiglu
     if not config.response_logits:
         ops.reference_forced = lambda: True
+    if config.compile_layers:
+        for module in modules:
+            compile_layers(module)
     try:
         with ops_backend(config.ops):
             yield
     finally:
         ops.rms_norm, ops.swiglu, ops.reference_forced = saved
+        for module in modules:
+            uncompile_layers(module)
 
 
 @contextlib.contextmanager
@@ -194,7 +208,8 @@ class Models:
         self.critic_r = copy.deepcopy(self.reward).requires_grad_(True)
         self.critic_c = copy.deepcopy(self.cost).requires_grad_(True)
         self.trained = {"actor": self.actor, "critic_r": self.critic_r, "critic_c": self.critic_c}
-        for module in (self.actor, self.ref, self.reward, self.cost, self.critic_r, self.critic_c):
+        self.all = [self.actor, self.ref, self.reward, self.cost, self.critic_r, self.critic_c]
+        for module in self.all:
             use_fused_layers(module)  # each configuration picks what the patched layers run (see levers)
         self.initial = {name: copy.deepcopy(m.state_dict()) for name, m in self.trained.items()}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -287,15 +302,17 @@ def one_step(models: Models, batch: dict, shape: StepShape, clock: Clock, device
 
 
 def measure(model: str = "tiny", device: str | None = None, steps: int = 2, fused: str | None = None,
-            rounds: int = 2, ablation: bool = False) -> dict:
+            rounds: int = 2, ablation: bool = False, compile: str = "auto") -> dict:
     """Both configurations on one set of models, in ``rounds`` alternating rounds.
 
     Each round runs, per configuration: weights and optimizers reset, one warm-up step (Triton
     compiles on its first call), then ``steps`` timed steps. Each phase's figure is the median over
     all timed steps of its configuration; alternating the configurations spreads any drift of the
     machine (clocks, allocator state) over both. ``fused`` forces the backend of the saferlhf
-    configuration (SAFERLHF_OPS); None: the dispatcher's default. ``ablation`` adds the
-    configurations of ``ABLATIONS``.
+    configuration (SAFERLHF_OPS); None: the dispatcher's default. ``compile``: whether the saferlhf
+    configuration compiles its decoder layers, as ``model.compile_layers`` (auto: on CUDA).
+    ``ablation`` adds the configurations of ``ABLATIONS`` (``+fused-layers`` only when saferlhf
+    compiles: otherwise it is saferlhf).
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -319,11 +336,15 @@ def measure(model: str = "tiny", device: str | None = None, steps: int = 2, fuse
         "generate_tokens_per_s": tokens / gen_out["generate"],
         "configs": {},
     }
+    compiled = resolve_compile_layers(compile, dev, zero_stage=0)
+    result["compile_layers"] = compiled
     configs = dict(CONFIGS)
     if ablation:
         configs = {"baseline": CONFIGS["baseline"], **ABLATIONS, "saferlhf": CONFIGS["saferlhf"]}
-    configs = {name: Levers(fused, c.fused_layers, c.response_logits) if c.ops is None else c
-               for name, c in configs.items()}
+        if not compiled:
+            del configs["+fused-layers"]
+    configs = {name: Levers(fused, c.fused_layers, c.response_logits, c.compile_layers and compiled)
+               if c.ops is None else c for name, c in configs.items()}
     warmups: dict[str, dict] = {}
     timed: dict[str, list[dict]] = {name: [] for name in configs}
     for _ in range(rounds):
@@ -331,14 +352,16 @@ def measure(model: str = "tiny", device: str | None = None, steps: int = 2, fuse
             models.reset()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            with levers(chosen):
-                result["configs"].setdefault(config, {"ops": ops.backend_for(batch["mask"])})
+            with levers(chosen, models.all):
+                result["configs"].setdefault(config, {"ops": ops.backend_for(batch["mask"]),
+                                                      "compile_layers": chosen.compile_layers})
                 warmups.setdefault(config, one_step(models, batch, shape, clock, dev))
                 timed[config] += [one_step(models, batch, shape, clock, dev) for _ in range(steps)]
     for config in configs:
         summary, runs, first = result["configs"][config], timed[config], warmups[config]
         summary.update({f"{phase}_s": statistics.median(run[phase] for run in runs) for phase in PHASES})
         summary["training_s"] = sum(summary[f"{phase}_s"] for phase in PHASES)
+        summary["warmup_training_s"] = sum(first[phase] for phase in PHASES)
         summary["tokens_per_s"] = tokens / (summary["training_s"] + result["generate_s"])
         for key in ("peak_actor_logprob_pass", "peak_actor_update"):
             if key in runs[-1]:
@@ -391,9 +414,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of both configurations")
     parser.add_argument("--fused", choices=("native", "triton"), default=None,
                         help="backend of the saferlhf configuration (default: triton on CUDA, native on CPU)")
+    parser.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
+                        help="compile the saferlhf configuration's decoder layers (auto: on CUDA)")
     parser.add_argument("--ablation", action="store_true", help="also measure each lever alone (see ABLATIONS)")
     args = parser.parse_args()
-    result = measure(args.model, args.device, args.steps, args.fused, args.rounds, args.ablation)
+    result = measure(args.model, args.device, args.steps, args.fused, args.rounds, args.ablation, args.compile)
     print(format_table(result))
     print(json.dumps(result))
 

@@ -17,8 +17,9 @@ What it measures (issue 4 targets, H100):
   (20480, 1024) activations and ``swiglu`` on the (20480, 4096) gate of the step benchmark's model
   (32 sequences × 640 tokens);
 - then one PPO-Lagrangian step of a ~0.5B Llama with a 128k vocabulary, phase by phase, the
-  reference ops against the fused ones (``benchmarks/bench_step.py --model gpu``; skip with
-  ``--no-step``).
+  original design's computation against the trainer's (fused ops, response-only LM head, fused and
+  compiled decoder layers), each lever also alone (``benchmarks/bench_step.py --model gpu
+  --ablation``; it needs transformers too; skip with ``--no-step``).
 Before timing, every kernel is checked against its reference three ways (kernel, reference in the
 same dtype, reference in float64: err(kernel) ≤ 2·err(reference) + a few roundings).
 

@@ -60,6 +60,7 @@ class ModelConfig:
     chat_template: bool = _f(False, "use the tokenizer's chat template instead of the paper's template")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
     fused_layers: bool = _f(True, "RMSNorm and SwiGLU of Llama-family models through saferlhf.ops (fused kernels)")
+    compile_layers: bool | str = _f("auto", "torch.compile the decoder layers: auto (CUDA at ZeRO 0-2), true or false")
     trust_remote_code: bool = _f(False, "allow custom modelling code from the checkpoint")
 
 
@@ -325,6 +326,9 @@ def build_config(
         _apply(cfg, load_preset(preset, stage))
     if overrides:
         _apply(cfg, parse_overrides(overrides))
+    if isinstance(cfg.model.compile_layers, str) and cfg.model.compile_layers.strip().lower() != "auto":
+        raise ConfigError(f"config key 'model.compile_layers': expected auto, true or false, "
+                          f"got {cfg.model.compile_layers!r}")
     cfg.stage = stage
     return cfg
 

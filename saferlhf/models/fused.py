@@ -25,7 +25,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from saferlhf import ops
+from saferlhf import algorithms, ops
 
 # Class names whose forward is exactly ``weight * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)``.
 RMS_NORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
@@ -35,11 +35,16 @@ SILU = frozenset({"silu", "swish"})
 
 
 def _rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # inside a compiled layer the compiler fuses the plain math itself
+        return algorithms.rms_norm(hidden_states, self.weight, self.variance_epsilon)
     return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
 
 def _swiglu_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if torch.compiler.is_compiling():
+        return self.down_proj(algorithms.swiglu(gate, up))
+    return self.down_proj(ops.swiglu(gate, up))
 
 
 def _is_silu_mlp(module: nn.Module) -> bool:

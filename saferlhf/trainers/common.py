@@ -27,6 +27,8 @@ import torch
 
 from saferlhf import distributed
 from saferlhf.config import Config, save_config
+from saferlhf.models.compiled import compile_layers, resolve_compile_layers
+from saferlhf.models.fused import use_fused_layers
 from saferlhf.models.hf import save_causal_lm
 from saferlhf.models.score_model import ScoreModel
 
@@ -183,6 +185,17 @@ def setup_run(cfg: Config) -> Run:
                             config=None if not cfg.run.wandb else _asdict(cfg))
     logger.info("run %s: stage %s, world size %d, device %s", out_dir, cfg.stage, info.world_size, info.device)
     return Run(cfg, info, out_dir, metrics)
+
+
+def apply_layer_levers(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
+    """``model`` with the layer levers of ``cfg.model``: fused RMSNorm/SwiGLU and compiled decoder layers."""
+    if cfg.model.fused_layers:
+        use_fused_layers(model)
+    if resolve_compile_layers(cfg.model.compile_layers, device, cfg.deepspeed.zero_stage):
+        count = compile_layers(model)
+        logger.info("%s: %d decoder layers compiled (model.compile_layers=%s)", type(model).__name__, count,
+                    str(cfg.model.compile_layers).lower())
+    return model
 
 
 def _asdict(cfg: Config) -> dict:

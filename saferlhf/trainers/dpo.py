@@ -27,9 +27,16 @@ from saferlhf import distributed, ops
 from saferlhf.algorithms import divergence_mask, dpo_loss, sequence_logprob_sums
 from saferlhf.config import Config
 from saferlhf.data.collate import PairBatch, PairDataset
-from saferlhf.models.fused import use_fused_layers
 from saferlhf.models.hf import load_causal_lm, load_tokenizer
-from saferlhf.trainers.common import eval_batches, logger, plot_metrics, save_model, setup_run, train_ds_config
+from saferlhf.trainers.common import (
+    apply_layer_levers,
+    eval_batches,
+    logger,
+    plot_metrics,
+    save_model,
+    setup_run,
+    train_ds_config,
+)
 from saferlhf.trainers.data import load_splits
 from saferlhf.trainers.supervised import plan_steps, train_supervised
 
@@ -47,7 +54,7 @@ def pair_logprob_sums(model, batch: PairBatch, device: torch.device) -> tuple[to
     """
     ids = batch.input_ids.to(device)  # (2B, L)
     attention = batch.attention_mask.to(device)  # (2B, L)
-    logits = model(input_ids=ids, attention_mask=attention).logits  # (2B, L, V)
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits  # (2B, L, V)
     logp = ops.logprobs(logits[:, :-1], ids[:, 1:])  # (2B, L-1): entry t is log p(token t+1)
     b = batch.num_pairs
     chosen_mask, rejected_mask = divergence_mask(ids[:b], ids[b:], attention[:b], attention[b:])  # (B, L-1) x2
@@ -93,9 +100,7 @@ def train_dpo(cfg: Config) -> dict[str, float]:
     def load(checkpointing: bool):
         model = load_causal_lm(path, dtype=cfg.model.dtype, tokenizer=tokenizer, gradient_checkpointing=checkpointing,
                                trust_remote_code=cfg.model.trust_remote_code)
-        if cfg.model.fused_layers:
-            use_fused_layers(model)
-        return model
+        return apply_layer_levers(model, cfg, run.device)
 
     train_rows, eval_rows = load_splits(cfg.data, "preference", cfg.run.seed)
     make = lambda rows: PairDataset(rows, tokenizer, cfg.model.max_length,  # noqa: E731

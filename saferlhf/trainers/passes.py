@@ -27,11 +27,13 @@ def response_logprobs(model, sequences, attention_mask, prompt_len: int, tempera
     Only the last T + 1 positions go through the LM head (``logits_to_keep``): the response's
     tokens are predicted from positions P - 1 … L - 2, and the prompt's logits are never needed. At
     a 128k vocabulary the head is a quarter of a small model's work and its (N, L, V) output the
-    largest tensor of the pass. Under ``SAFERLHF_OPS=reference`` the logits of every position are
-    computed and sliced, as the original safe-rlhf code does (the same numbers, more work).
+    largest tensor of the pass. No KV cache is built (``use_cache=False``: a training pass never reads
+    it, and it keeps every layer's keys and values alive to the end of the pass). Under
+    ``SAFERLHF_OPS=reference`` the logits of every position are computed and sliced and the model's
+    default cache is kept, as the original safe-rlhf code does (the same numbers, more work).
     """
     n_keep = sequences.shape[1] - prompt_len + 1
-    keep = {} if ops.reference_forced() else {"logits_to_keep": n_keep}
+    keep = {} if ops.reference_forced() else {"logits_to_keep": n_keep, "use_cache": False}
     logits = model(input_ids=sequences, attention_mask=attention_mask,
                    position_ids=position_ids(attention_mask), **keep).logits
     logits = logits[:, -n_keep:-1]  # (N, T, V)

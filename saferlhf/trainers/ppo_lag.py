@@ -38,7 +38,6 @@ from saferlhf.algorithms import (
 )
 from saferlhf.config import Config
 from saferlhf.data.collate import PromptDataset, SFTDataset
-from saferlhf.models.fused import use_fused_layers
 from saferlhf.models.hf import load_causal_lm, load_tokenizer
 from saferlhf.models.score_model import ScoreModel
 from saferlhf.rollout import make_generator
@@ -46,6 +45,7 @@ from saferlhf.rollout.base import Generation, SamplingParams
 from saferlhf.rollout.sync import WeightSyncError, bucketize, weight_groups
 from saferlhf.trainers.common import (
     Run,
+    apply_layer_levers,
     check_finite,
     logger,
     plot_metrics,
@@ -180,14 +180,14 @@ class PPOLagTrainer:
         def frozen(model):
             return distributed.make_engine(model, _engine_config(cfg, world, lr=0.0, weight_decay=0.0, train=False))
 
-        def fused(model):
-            if cfg.model.fused_layers:
-                use_fused_layers(model)
-            return model
+        def load(path):
+            model = load_causal_lm(path, dtype=cfg.model.dtype, tokenizer=self.tokenizer,
+                                   gradient_checkpointing=cfg.model.gradient_checkpointing)
+            return apply_layer_levers(model, cfg, device)
 
-        load = lambda path: fused(load_causal_lm(path, dtype=cfg.model.dtype, tokenizer=self.tokenizer,  # noqa: E731
-                                                 gradient_checkpointing=cfg.model.gradient_checkpointing))
-        score_model = lambda path: fused(ScoreModel.from_pretrained(path, dtype=cfg.model.dtype))  # noqa: E731
+        def score_model(path):
+            return apply_layer_levers(ScoreModel.from_pretrained(path, dtype=cfg.model.dtype), cfg, device)
+
         self.actor = trained(load(actor_path), cfg.optim.lr, cfg.optim.weight_decay)
         self.ref = frozen(load(actor_path))
         self.reward = Scorer(frozen(score_model(p.reward_model)),
@@ -400,7 +400,7 @@ class PPOLagTrainer:
         if self.ptx is not None and p.ptx_coeff > 0:
             ptx = self.ptx.collate([self.ptx[i] for i in self.ptx_indices(step, update)])
             ptx_logits = self.actor(input_ids=ptx.input_ids.to(seq.device),
-                                    attention_mask=ptx.attention_mask.to(seq.device)).logits
+                                    attention_mask=ptx.attention_mask.to(seq.device), use_cache=False).logits
             ptx_loss = sft_loss(ptx_logits, ptx.labels.to(seq.device))
             loss = loss + p.ptx_coeff * ptx_loss
             metrics["ptx_loss"] = ptx_loss.detach()

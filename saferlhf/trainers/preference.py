@@ -13,10 +13,10 @@ from saferlhf import distributed
 from saferlhf.algorithms import cost_model_loss, reward_model_loss
 from saferlhf.config import Config
 from saferlhf.data.collate import PairDataset
-from saferlhf.models.fused import use_fused_layers
 from saferlhf.models.hf import load_tokenizer
 from saferlhf.models.score_model import ScoreModel
 from saferlhf.trainers.common import (
+    apply_layer_levers,
     eval_batches,
     logger,
     plot_metrics,
@@ -50,8 +50,7 @@ def train_preference(cfg: Config) -> dict[str, float]:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, padding_side="right")
     model = ScoreModel.from_pretrained(cfg.model.name_or_path, dtype=cfg.model.dtype, kind=target,
                                        normalize=cfg.score.normalize)
-    if cfg.model.fused_layers:
-        use_fused_layers(model)
+    apply_layer_levers(model, cfg, run.device)
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer of {cfg.model.tokenizer or cfg.model.name_or_path} has {len(tokenizer)} tokens "
                          f"but the backbone only {model.config.vocab_size} embeddings")

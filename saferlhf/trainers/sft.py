@@ -8,9 +8,15 @@ from saferlhf import distributed
 from saferlhf.algorithms import sft_loss
 from saferlhf.config import Config
 from saferlhf.data.collate import SFTDataset
-from saferlhf.models.fused import use_fused_layers
 from saferlhf.models.hf import load_causal_lm, load_tokenizer
-from saferlhf.trainers.common import eval_batches, plot_metrics, save_model, setup_run, train_ds_config
+from saferlhf.trainers.common import (
+    apply_layer_levers,
+    eval_batches,
+    plot_metrics,
+    save_model,
+    setup_run,
+    train_ds_config,
+)
 from saferlhf.trainers.data import load_splits
 from saferlhf.trainers.supervised import plan_steps, train_supervised
 
@@ -24,8 +30,7 @@ def train_sft(cfg: Config) -> dict[str, float]:
         cfg.model.name_or_path, dtype=cfg.model.dtype, tokenizer=tokenizer,
         gradient_checkpointing=cfg.model.gradient_checkpointing, trust_remote_code=cfg.model.trust_remote_code,
     )
-    if cfg.model.fused_layers:
-        use_fused_layers(model)
+    apply_layer_levers(model, cfg, run.device)
     train_rows, eval_rows = load_splits(cfg.data, "sft", cfg.run.seed)
     train_set = SFTDataset(train_rows, tokenizer, cfg.model.max_length, chat_template=cfg.model.chat_template)
     eval_set = SFTDataset(eval_rows, tokenizer, cfg.model.max_length, chat_template=cfg.model.chat_template)
@@ -37,7 +42,7 @@ def train_sft(cfg: Config) -> dict[str, float]:
 
     def loss_fn(engine, batch):
         logits = engine(input_ids=batch.input_ids.to(run.device),
-                        attention_mask=batch.attention_mask.to(run.device)).logits
+                        attention_mask=batch.attention_mask.to(run.device), use_cache=False).logits
         return sft_loss(logits, batch.labels.to(run.device)), {}
 
     @torch.no_grad()
@@ -48,7 +53,7 @@ def train_sft(cfg: Config) -> dict[str, float]:
         total = torch.zeros(2)  # (sum of token losses, token count)
         for batch, valid in eval_batches(eval_set, cfg.optim.micro_batch_size, run.dist):
             logits = engine(input_ids=batch.input_ids.to(run.device),
-                            attention_mask=batch.attention_mask.to(run.device)).logits[:valid]
+                            attention_mask=batch.attention_mask.to(run.device), use_cache=False).logits[:valid]
             labels = batch.labels.to(run.device)[:valid]
             if valid == 0:
                 continue

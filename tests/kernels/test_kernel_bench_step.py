@@ -1,7 +1,8 @@
 """benchmarks/bench_step.py: the baseline (reference ops) and the fused ops compute the same PPO step.
 
 Tiny Llama on CPU; the fused configuration runs the native ops, and the Triton kernels through the
-interpreter (on CUDA where there is a GPU). Timings mean nothing here; what is asserted is that both
+interpreter (on CUDA where there is a GPU), and once with its decoder layers compiled (inductor's CPU
+backend here). Timings mean nothing here; what is asserted is that both
 configurations, started from the same weights on the same rollout, reach the same log-probs,
 entropy and first losses, so that the GPU figures compare like with like.
 """
@@ -26,18 +27,20 @@ def bench_step():
         yield module
 
 
-@pytest.mark.parametrize("fused", ["native", "triton"])
-def test_baseline_and_fused_compute_the_same_step(bench_step, fused):
+@pytest.mark.parametrize("fused,compile", [("native", "auto"), ("triton", "auto"), ("native", "true")])
+def test_baseline_and_fused_compute_the_same_step(bench_step, fused, compile):
     if fused == "triton":
         pytest.importorskip("triton")
     device = "cuda" if fused == "triton" and torch.cuda.is_available() else "cpu"
     ablation = fused == "native"  # the levers one at a time, on the cheaper backend
-    result = bench_step.measure("tiny", device, steps=1, fused=fused, rounds=2, ablation=ablation)
+    result = bench_step.measure("tiny", device, steps=1, fused=fused, rounds=2, ablation=ablation, compile=compile)
     base, fast = result["configs"]["baseline"], result["configs"]["saferlhf"]
     assert (base["ops"], fast["ops"]) == ("reference", fused)
-    names = ["fused-ops", "+response-logits", "saferlhf"] if ablation else ["saferlhf"]
-    assert list(result["training_speedup"]) == names
-    for other in (result["configs"][name] for name in names):
+    compiled = compile == "true" or device == "cuda"  # auto compiles on CUDA only
+    assert result["compile_layers"] is fast["compile_layers"] is compiled and base["compile_layers"] is False
+    names = ["fused-ops", "+response-logits", *(["+fused-layers"] if compiled else []), "saferlhf"]
+    assert list(result["training_speedup"]) == (names if ablation else ["saferlhf"])
+    for other in (result["configs"][name] for name in result["training_speedup"]):
         assert other["logp_old_mean"] == pytest.approx(base["logp_old_mean"], rel=1e-5)
         assert other["entropy"] == pytest.approx(base["entropy"], rel=1e-5)
         for name, loss in base["first_step_losses"].items():
