@@ -6,9 +6,11 @@ Two configurations run one after the other on the same models, prompts, seed and
 - ``baseline`` — how the original safe-rlhf code works: generation with HF ``generate`` on the
   training engine (under ZeRO-3 every generated token gathers the partitioned actor), and the
   reference ops (``SAFERLHF_OPS=reference``: log-probs from float32-upcast logits through
-  ``log_softmax`` + ``gather``, the per-token Python GAE loop);
+  ``log_softmax`` + ``gather``, the per-token Python GAE loop) with transformers' own decoder layers,
+  uncompiled (``model.compile_layers=false``);
 - ``saferlhf`` — generation on a vLLM engine with full weights, synced from the actor once per update
-  (``rollout.backend=vllm``), and the default fused ops (Triton on GPU, native C++ on CPU).
+  (``rollout.backend=vllm``), the default fused ops (Triton on GPU, native C++ on CPU) and layers
+  (fused RMSNorm and SwiGLU; compiled decoder layers on CUDA at ZeRO 0-2, ``model.compile_layers=auto``).
 
 Each configuration is a ``saferlhf ppo-lag`` run of ``--steps`` steps; the first step is a warm-up
 (engine start, compilation, caches) and is left out. Per phase the trainer logs the seconds of each
@@ -43,7 +45,8 @@ from pathlib import Path
 
 PHASES = ("generate", "score", "experience", "actor", "critics", "sync")
 CONFIGS = {
-    "baseline": {"overrides": ["rollout.backend=hf"], "env": {"SAFERLHF_OPS": "reference"}},
+    "baseline": {"overrides": ["rollout.backend=hf", "model.compile_layers=false"],
+                 "env": {"SAFERLHF_OPS": "reference"}},
     "saferlhf": {"overrides": ["rollout.backend=vllm"], "env": {}},
 }
 MODELS = ("tiny", "20m", "smollm2")
