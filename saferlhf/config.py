@@ -329,6 +329,9 @@ def build_config(
     if isinstance(cfg.model.compile_layers, str) and cfg.model.compile_layers.strip().lower() != "auto":
         raise ConfigError(f"config key 'model.compile_layers': expected auto, true or false, "
                           f"got {cfg.model.compile_layers!r}")
+    if cfg.model.compile_layers is True and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError("model.compile_layers=true does not work with deepspeed.zero_stage=3 (its parameter "
+                          "gathering runs in hooks inside the compiled layers): use auto (which skips it) or false")
     cfg.stage = stage
     return cfg
 

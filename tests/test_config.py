@@ -42,6 +42,17 @@ def test_bad_overrides_name_the_key(override, fragment):
         build_config("sft", None, [override])
 
 
+def test_compile_layers_takes_auto_true_or_false_and_refuses_zero_3():
+    assert build_config("sft").model.compile_layers == "auto"
+    assert build_config("sft", None, ["model.compile_layers=true"]).model.compile_layers is True
+    assert build_config("ppo_lag", None, ["model.compile_layers=false"]).model.compile_layers is False
+    with pytest.raises(ConfigError, match="'model.compile_layers': expected auto, true or false, got 'fast'"):
+        build_config("sft", None, ["model.compile_layers=fast"])
+    with pytest.raises(ConfigError, match="compile_layers=true does not work with deepspeed.zero_stage=3"):
+        build_config("rm", None, ["model.compile_layers=true", "deepspeed.zero_stage=3"])
+    assert build_config("rm", None, ["deepspeed.zero_stage=3"]).model.compile_layers == "auto"  # auto skips it
+
+
 def test_bad_preset_names_the_key(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("model:\n  dtyp: float32\n")
