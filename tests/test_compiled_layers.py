@@ -115,6 +115,21 @@ def test_uncompile_restores_the_eager_forward_and_a_model_without_layers_is_refu
         compile_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
+def test_a_compiler_failure_names_the_switch_that_turns_compilation_off(monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from saferlhf.models import compiled
+
+    def failing(*args, **kwargs):
+        raise torch._dynamo.exc.TorchDynamoException("backend exploded")
+
+    monkeypatch.setitem(compiled._COMPILED, LlamaDecoderLayer, failing)
+    model = _llama()
+    compile_layers(model)
+    with pytest.raises(RuntimeError, match="LlamaDecoderLayer failed .*model.compile_layers=false"):
+        model(input_ids=_batch(2, 8)[0], use_cache=False)
+
+
 @pytest.mark.parametrize("setting,device,zero_stage,expected", [
     ("auto", "cuda", 0, True), ("auto", "cuda", 2, True), ("auto", "cuda", 3, False), ("auto", "cpu", 0, False),
     ("true", "cpu", 1, True), ("True", "cuda", 2, True), ("false", "cuda", 0, False),
@@ -132,7 +147,7 @@ def test_resolve_compile_layers_rejects_zero_3_and_unknown_settings():
 
 @pytest.mark.slow
 def test_ppo_lag_with_compiled_layers_trains_as_the_eager_run(toy_models, tmp_path, caplog):
-    """Three toy-world PPO-Lag steps with ``model.compile_layers=true`` match the eager run step by step."""
+    """Two toy-world PPO-Lag steps with ``model.compile_layers=true`` match the eager run step by step."""
     from helpers import stage_config
 
     from saferlhf.trainers.common import read_metrics
@@ -141,7 +156,7 @@ def test_ppo_lag_with_compiled_layers_trains_as_the_eager_run(toy_models, tmp_pa
     def run(name: str, setting: str) -> list[dict]:
         cfg = stage_config("ppo_lag", tmp_path / name, toy_models.sft, f"ppo.reward_model={toy_models.rm}",
                            f"ppo.cost_model={toy_models.cm}", "run.log_every=1", "ppo.rollout_batch_size=16",
-                           "ppo.mini_batch_size=8", "rollout.max_new_tokens=16", "run.max_steps=3",
+                           "ppo.mini_batch_size=8", "rollout.max_new_tokens=16", "run.max_steps=2",
                            f"model.compile_layers={setting}")
         train_ppo(cfg)
         return [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "train/reward" in r]
@@ -151,7 +166,7 @@ def test_ppo_lag_with_compiled_layers_trains_as_the_eager_run(toy_models, tmp_pa
         compiled = run("compiled", "true")
     assert "decoder layers compiled (model.compile_layers=true)" in caplog.text
     assert counters["stats"]["unique_graphs"] >= 1
-    assert [r["step"] for r in compiled] == [r["step"] for r in eager] == [1, 2, 3]
+    assert [r["step"] for r in compiled] == [r["step"] for r in eager] == [1, 2]
     for a, b in zip(eager, compiled):
         for key, value in a.items():
             if "clip_fraction" in key:  # a count: a token or two at the clip boundary may fall either way

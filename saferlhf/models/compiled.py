@@ -48,7 +48,11 @@ def _compiled(cls: type) -> Callable:
 def _compiled_layer_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     if kwargs.get("past_key_values") is not None:  # decoding with a KV cache: eager
         return type(self).forward(self, hidden_states, *args, **kwargs)
-    return _compiled(type(self))(self, hidden_states, *args, **kwargs)
+    try:
+        return _compiled(type(self))(self, hidden_states, *args, **kwargs)
+    except torch._dynamo.exc.TorchDynamoException as e:  # the compiler failed, not the computation
+        raise RuntimeError(f"torch.compile of {type(self).__name__} failed ({type(e).__name__}); "
+                           "model.compile_layers=false runs the decoder layers eagerly") from e
 
 
 def _raise_recompile_limit() -> None:
@@ -88,7 +92,7 @@ def uncompile_layers(model: nn.Module) -> int:
     return count
 
 
-def resolve_compile_layers(setting: str, device: torch.device | str, zero_stage: int) -> bool:
+def resolve_compile_layers(setting: bool | str, device: torch.device | str, zero_stage: int) -> bool:
     """Whether to compile the decoder layers for ``model.compile_layers`` = auto, true or false.
 
     ``auto``: on CUDA with ZeRO stage 0-2 (where the update passes are launch-bound); off on CPU, where
