@@ -153,6 +153,12 @@ class RolloutConfig:
     verify_sync: bool = _f(False, "check every weight sync against the actor on probe prompts")
     verify_prompts: int = _f(4, "probe prompts of verify_sync (the first ones of the prompt set)")
     verify_tolerance: float = _f(1e-3, "verify_sync: largest |engine - actor| log-prob accepted")
+    check_weights: bool = _f(True, "vllm: after every sync, compare what each engine layer computes on probe "
+                                   "inputs with the actor's weights (cheap)")
+    check_tolerance: float = _f(0.0, "check_weights: largest relative error accepted (0: by dtype, 1e-4 in fp32)")
+    on_verify_failure: str = _f("restart", "a failed check_weights/verify_sync: restart (rebuild the engine from "
+                                           "the actor's full weights, check again, stop if it still fails), "
+                                           "stop or warn")
     kv_cache_mb: int = _f(256, "vllm: KV-cache memory of the engine, MiB per rank")
     tensor_parallel_size: int = _f(1, "vllm: ranks one engine spans (under torchrun/deepspeed)")
     sync_bucket_mb: int = _f(256, "vllm: weight sync bucket size, MiB (whole decoder layers per bucket)")
@@ -332,6 +338,11 @@ def build_config(
     if cfg.model.compile_layers is True and cfg.deepspeed.zero_stage == 3:
         raise ConfigError("model.compile_layers=true does not work with deepspeed.zero_stage=3 (its parameter "
                           "gathering runs in hooks inside the compiled layers): use auto (which skips it) or false")
+    if cfg.rollout.on_verify_failure not in ("restart", "stop", "warn"):
+        raise ConfigError(f"config key 'rollout.on_verify_failure': expected restart, stop or warn, "
+                          f"got {cfg.rollout.on_verify_failure!r}")
+    if cfg.rollout.check_tolerance < 0:
+        raise ConfigError(f"config key 'rollout.check_tolerance': must be >= 0, got {cfg.rollout.check_tolerance}")
     cfg.stage = stage
     return cfg
 

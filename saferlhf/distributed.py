@@ -104,6 +104,14 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of a stacked vector over ranks (e.g. failure flags that every rank must act on)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]

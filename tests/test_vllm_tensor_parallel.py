@@ -29,3 +29,8 @@ def test_tensor_parallel_engine_serves_each_rank_its_own_prompts_and_takes_synce
         assert r["matches_hf"], r  # greedy tokens of the TP=2 engine equal the HF model's
         assert not (r["stale"][0] and r["stale"][1] < 1e-4), r  # new weights, not yet pushed: differs
         assert r["synced"][0] and r["synced"][1] <= 1e-4, r  # after the push: matches again
+        # The weight check reads each rank's shard: every parameter covered, stale before the push, exact after.
+        assert r["unchecked"] == [] and not r["stale_check_ok"] and r["check_ok"] and r["check_error"] < 1e-4, r
+    # 4 query heads and 2 kv heads of size 32 over 2 ranks: each rank holds half of q, k and v.
+    assert lines[0]["qkv_rows"] == [[[0, 64], [0, 32], [0, 32]]]
+    assert lines[1]["qkv_rows"] == [[[64, 128], [32, 64], [32, 64]]]

@@ -33,4 +33,5 @@ def make_generator(cfg, actor, tokenizer, model_path: str):
         model_path, tokenizer, WeightSpec.of(actor), dtype=cfg.model.dtype,
         max_model_len=cfg.model.max_length + cfg.rollout.max_new_tokens, kv_cache_mb=cfg.rollout.kv_cache_mb,
         seed=cfg.run.seed, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-        enable_sleep=cfg.rollout.enable_sleep, sync_method=cfg.rollout.sync_method)
+        enable_sleep=cfg.rollout.enable_sleep, sync_method=cfg.rollout.sync_method,
+        check_weights=cfg.rollout.check_weights, check_tolerance=cfg.rollout.check_tolerance)

@@ -18,12 +18,24 @@ engine call per bucket, then the prefix cache is reset (otherwise prompts longer
   engine fails);
 - ``load_weights`` (GPU): ``model.load_weights(bucket)`` per bucket into the live parameters.
 
+Either path ends by re-deriving the kernel weights of *tied* modules (:func:`_refresh_tied_modules`):
+a tied output head takes no weights of its own in a push, and on CPU the logits are computed from a
+copy of the embedding packed at engine start — without this step the engine serves new embeddings
+with the old head.
+
 A push is checked bucket by bucket before any of it reaches the engine (names, full shapes, finite
 values, whole fused groups; :class:`~saferlhf.rollout.sync.WeightSpec`) and must end with every
 parameter sent. A rejected or failed push leaves no half-updated engine: if nothing was sent yet it
-is simply refused; otherwise the engine is shut down, started again and given the last weights that
-were pushed successfully (kept on the CPU; before the first push, the checkpoint it started from).
-Either way :class:`~saferlhf.rollout.sync.WeightSyncError` is raised.
+is simply refused; otherwise the engine is rebuilt with the last weights that were pushed
+successfully (kept on the CPU; before the first push, the checkpoint it started from). Either way
+:class:`~saferlhf.rollout.sync.WeightSyncError` is raised.
+
+**Weight check** (on by default, :mod:`saferlhf.rollout.weight_check`): after every push each of the
+engine's layers is run on fixed probe inputs through its own kernel and compared with the pushed
+weights, so a stale derived weight (a packed, fused, sharded or tied copy) is found even where the
+parameters look right; :attr:`SyncStats.check` holds the result. :meth:`rebuild` starts a fresh engine
+that *loads* given weights as a checkpoint (vLLM's ordinary loading path derives every kernel weight
+from scratch) — the repair the trainer applies when a check fails.
 
 **Sampling**: every request carries its own seed (drawn from ``SamplingParams.seed`` or, if that is
 None, from torch's global generator, which the trainer checkpoints), so a resumed run samples
@@ -49,16 +61,29 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from saferlhf.rollout.base import Generation, SamplingParams, response_mask_from_ids
 from saferlhf.rollout.sync import Bucket, WeightSpec, WeightSyncError
+from saferlhf.rollout.weight_check import (
+    Probe,
+    WeightCheck,
+    compare,
+    default_tolerance,
+    expected_output,
+    probe_input,
+    probes_in,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def vllm_available() -> bool:
@@ -144,9 +169,10 @@ class _ProcessState:
 
 @dataclass
 class SyncStats:
-    seconds: float
+    seconds: float  # the push itself (the weight check after it not included)
     buckets: int
     bytes: int
+    check: WeightCheck | None = None  # the engine's weights against the pushed ones (None: not checked)
 
 
 # -- functions run inside the vLLM worker through collective_rpc (in-process: arguments by reference)
@@ -173,6 +199,149 @@ def _finish_reload(worker) -> None:
     runner = worker.model_runner
     with set_current_vllm_config(worker.vllm_config):
         finalize_layerwise_reload(runner.get_model(), runner.model_config)
+        _refresh_tied_modules(runner.get_model())
+
+
+def _finish_load(worker) -> None:
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(worker.vllm_config):
+        _refresh_tied_modules(worker.model_runner.get_model())
+
+
+def _refresh_tied_modules(model: torch.nn.Module) -> None:
+    """Re-derive the kernel weights of modules that share a parameter with another module.
+
+    A tied output head (``tie_word_embeddings``: Llama 3.2 1B/3B, Qwen2.5 0.5B-3B, SmolLM2, Gemma) is
+    a module of its own whose ``weight`` is the embedding's parameter. It takes no weights in a push
+    (the checkpoint has no ``lm_head.weight``), so the reload never re-runs its post-load processing —
+    and on CPU that processing packed the weight into a oneDNN handle at engine start. The parameter
+    then holds the new embedding while the logits are computed from the old one. Re-running the
+    processing of every such module packs the current values again (a no-op for GPU kernels, which
+    read the parameter itself).
+    """
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), []).append(module)
+    for modules in owners.values():
+        if len(modules) < 2:
+            continue
+        for module in modules:
+            method = getattr(module, "quant_method", None)
+            if method is not None and hasattr(method, "process_weights_after_loading"):
+                method.process_weights_after_loading(module)
+
+
+def _probe_plan(worker, shapes: dict[str, tuple[int, ...]]) -> tuple[list[Probe], list[str]]:
+    """The weight-check plan of this worker's model (:mod:`saferlhf.rollout.weight_check`).
+
+    ``shapes`` are the actor's parameter names and full shapes. Returns (probes, engine parameters
+    that no actor parameter explains — these cannot be checked).
+    """
+    from vllm.model_executor.layers.linear import (
+        LinearBase,
+        MergedColumnParallelLinear,
+        QKVParallelLinear,
+        RowParallelLinear,
+    )
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    model = worker.model_runner.get_model()
+    packed = getattr(model, "packed_modules_mapping", {}) or {}
+    first_owner: dict[int, str] = {}  # parameter → the first "module.attr" that holds it (tied weights)
+    for name, module in model.named_modules():
+        for attr, param in module._parameters.items():
+            if param is not None:
+                first_owner.setdefault(id(param), f"{name}.{attr}" if name else attr)
+    probes: list[Probe] = []
+    unmatched: list[str] = []
+
+    def sources_of(name: str, attr: str) -> list[str]:
+        prefix, _, last = name.rpartition(".")
+        subs = packed.get(last, [last])
+        return [f"{prefix}.{sub}.{attr}" if prefix else f"{sub}.{attr}" for sub in subs]
+
+    for name, module in model.named_modules():
+        params = {a: p for a, p in module._parameters.items() if p is not None}
+        if isinstance(module, LinearBase):
+            sources = sources_of(name, "weight")
+            if not all(s in shapes for s in sources):
+                unmatched.append(f"{name}.weight")
+                continue
+            rank, size = getattr(module, "tp_rank", 0), getattr(module, "tp_size", 1)
+            cols = None
+            if isinstance(module, RowParallelLinear) and size > 1:
+                per = module.input_size_per_partition
+                cols = (rank * per, (rank + 1) * per)
+                rows = [(0, shapes[s][0]) for s in sources]
+            elif isinstance(module, QKVParallelLinear):
+                kv_rank = rank // module.num_kv_head_replicas
+                q = module.num_heads * module.head_size
+                k = module.num_kv_heads * module.head_size
+                v = module.num_kv_heads * module.v_head_size
+                rows = [(rank * q, (rank + 1) * q), (kv_rank * k, (kv_rank + 1) * k), (kv_rank * v, (kv_rank + 1) * v)]
+            elif isinstance(module, MergedColumnParallelLinear):
+                rows = [(rank * (o // size), (rank + 1) * (o // size)) for o in module.output_sizes]
+            elif hasattr(module, "output_size_per_partition") and not isinstance(module, RowParallelLinear):
+                per = module.output_size_per_partition
+                rows = [(rank * per, (rank + 1) * per)] if len(sources) == 1 else [(0, shapes[s][0]) for s in sources]
+            else:
+                rows = [(0, shapes[s][0]) for s in sources]
+            out = sum(b - a for a, b in rows)
+            probes.append(Probe(name, "linear", tuple(sources), tuple(rows), cols,
+                                module.input_size_per_partition, out))
+            if "bias" in params:
+                bias = sources_of(name, "bias")
+                if all(s in shapes for s in bias):
+                    bias_rows = rows if cols is None else [(0, shapes[s][0]) for s in bias]
+                    probes.append(Probe(name, "param", tuple(bias), tuple(bias_rows), attr="bias"))
+                else:
+                    unmatched.append(f"{name}.bias")
+        elif isinstance(module, VocabParallelEmbedding):
+            source = first_owner[id(module.weight)]
+            if source not in shapes:
+                unmatched.append(f"{name}.weight")
+                continue
+            idx = module.shard_indices
+            kind = "linear" if isinstance(module, ParallelLMHead) else "embedding"
+            probes.append(Probe(name, kind, (source,), ((idx.org_vocab_start_index, idx.org_vocab_end_index),),
+                                None, module.embedding_dim, idx.num_org_elements))
+        else:
+            for attr, param in params.items():
+                full = f"{name}.{attr}" if name else attr
+                if first_owner[id(param)] != full:
+                    continue  # a tied parameter, checked where it first appears
+                if full not in shapes or tuple(param.shape) != tuple(shapes[full]):
+                    unmatched.append(full)
+                    continue
+                probes.append(Probe(name, "param", (full,), ((0, shapes[full][0]),), attr=attr))
+    return probes, unmatched
+
+
+@torch.no_grad()
+def _probe_outputs(worker, plan: list[Probe]) -> dict[str, torch.Tensor]:
+    """The engine's side of the weight check: each probe's output, as the engine computes it."""
+    from vllm.config import set_current_vllm_config
+
+    model = worker.model_runner.get_model()
+    dtype = worker.model_runner.model_config.dtype
+    device = next((p.device for p in model.parameters() if p.numel()), torch.device("cpu"))
+    out: dict[str, torch.Tensor] = {}
+    with set_current_vllm_config(worker.vllm_config):
+        for probe in plan:
+            module = model.get_submodule(probe.module)
+            if probe.kind == "param":
+                out[probe.key] = getattr(module, probe.attr).detach().float().cpu().reshape(-1)
+                continue
+            x = probe_input(probe, dtype, device)
+            if probe.kind == "linear":
+                y = module.quant_method.apply(module, x)
+            else:  # an input embedding: the lookup reads the raw weight
+                y = x.float() @ module.weight[: probe.out].float().t()
+            out[probe.key] = y.float().cpu()
+    return out
 
 
 class VLLMGenerator:
@@ -184,7 +353,8 @@ class VLLMGenerator:
 
     def __init__(self, model_path: str, tokenizer, spec: WeightSpec | None = None, *, dtype: str = "float32",
                  max_model_len: int = 1024, kv_cache_mb: int = 256, seed: int = 0, tensor_parallel_size: int = 1,
-                 enable_sleep: bool = False, sync_method: str = "auto") -> None:
+                 enable_sleep: bool = False, sync_method: str = "auto", check_weights: bool = True,
+                 check_tolerance: float = 0.0, scratch_dir: str | os.PathLike | None = None) -> None:
         if sync_method not in ("auto", "reload", "load_weights"):
             raise ValueError(f"rollout.sync_method must be auto, reload or load_weights, got {sync_method!r}")
         if kv_cache_mb <= 0:
@@ -200,14 +370,21 @@ class VLLMGenerator:
         self.enable_sleep = enable_sleep and torch.cuda.is_available()
         self.sync_method = ("load_weights" if torch.cuda.is_available() else "reload") if sync_method == "auto" \
             else sync_method
+        self.check_weights = check_weights and spec is not None
+        self.check_tolerance = check_tolerance or default_tolerance(dtype)
+        self.scratch_dir = Path(scratch_dir) if scratch_dir is not None else None
         self._last_good: list[Bucket] | None = None
         self.restarts = 0
+        self.plan: list[Probe] = []  # the weight check's probes (see saferlhf.rollout.weight_check)
+        self.unchecked: list[str] = []  # engine parameters no actor parameter explains
+        self.last_check: WeightCheck | None = None
         self.llm = None
         self._start()
 
     # -- engine lifecycle ---------------------------------------------------------------------------
 
-    def _start(self) -> None:
+    def _start(self, weights_path: str | None = None) -> None:
+        """Start the engine from ``weights_path`` (default: the checkpoint it was created with)."""
         global _live
         if _live is not None and _live is not self:
             # vLLM keeps its process groups in module globals: two engines in one process would share them.
@@ -226,13 +403,19 @@ class VLLMGenerator:
         state = _ProcessState.capture()
         try:
             self.llm = LLM(
-                model=self.model_path, tokenizer=self.model_path, dtype=self.dtype, seed=self.seed,
+                model=weights_path or self.model_path, tokenizer=self.model_path, dtype=self.dtype, seed=self.seed,
                 max_model_len=self.max_model_len, kv_cache_memory_bytes=self.kv_cache_mb << 20,
                 tensor_parallel_size=self.tensor_parallel_size, enforce_eager=not torch.cuda.is_available(),
                 skip_tokenizer_init=False, **kwargs)
         finally:
             state.restore()
         _live = self
+        if self.check_weights:
+            self.plan, self.unchecked = self.llm.collective_rpc(_probe_plan, args=(self.spec.shapes,))[0]
+            if self.unchecked and self.restarts == 0:
+                shown = ", ".join(self.unchecked[:4]) + (" ..." if len(self.unchecked) > 4 else "")
+                logger.warning("weight check: %d engine parameters have no counterpart in the actor and are not "
+                               "checked after a sync (%s)", len(self.unchecked), shown)
 
     def shutdown(self) -> None:
         """Stop the engine and release vLLM's process groups (the trainer's own group stays up)."""
@@ -265,12 +448,61 @@ class VLLMGenerator:
         release_vllm_groups()
 
     def restart(self) -> None:
-        """A fresh engine from the checkpoint, then the last good weights (if any were pushed)."""
-        self.shutdown()
-        self._start()
-        self.restarts += 1
+        """A fresh engine with the last good weights (the checkpoint it started from before any push)."""
         if self._last_good is not None:
-            self._push(self._last_good)
+            self.rebuild(self._last_good)
+        else:
+            self.shutdown()
+            self._start()
+            self.restarts += 1
+
+    def rebuild(self, buckets: Iterable[Bucket]) -> WeightCheck | None:
+        """A fresh engine that *loads* ``buckets`` (complete weights) as a checkpoint, not by a push.
+
+        The weights are written as safetensors beside the starting checkpoint's config and the engine
+        starts from them through vLLM's ordinary loading path, which derives every kernel weight
+        (fused, packed, tied) from scratch. The directory is removed once the engine is up. Returns the
+        weight check of the new engine (None when checking is off).
+        """
+        import json
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        if self.spec is None:
+            raise WeightSyncError("this engine was started without a WeightSpec: it cannot take weights")
+        root = self.scratch_dir or Path(tempfile.gettempdir())
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="engine-weights-", dir=root))
+        kept: list[Bucket] = []
+        expected: dict[str, torch.Tensor] = {}
+        sent: list[str] = []
+        index: dict[str, str] = {}
+        try:
+            for i, bucket in enumerate(buckets):
+                self.spec.check_bucket(bucket)
+                cpu = [(name, tensor.detach().to("cpu", copy=True).contiguous()) for name, tensor in bucket]
+                file = f"model-{i:05d}.safetensors"
+                save_file(dict(cpu), str(tmp / file), metadata={"format": "pt"})
+                index.update({name: file for name, _ in cpu})
+                expected.update(self._expected(bucket))
+                sent.extend(name for name, _ in bucket)
+                kept.append(cpu)
+            self.spec.check_complete(sent)
+            with open(tmp / "model.safetensors.index.json", "w") as fh:
+                json.dump({"metadata": {}, "weight_map": index}, fh)
+            for name in ("config.json", "generation_config.json"):
+                if (Path(self.model_path) / name).exists():
+                    shutil.copy(Path(self.model_path) / name, tmp / name)
+            self.shutdown()
+            self._start(str(tmp))
+            self.restarts += 1
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._last_good = kept
+        self.last_check = self._check(expected) if self.check_weights else None
+        return self.last_check
 
     # -- generation -----------------------------------------------------------------------------------
 
@@ -351,6 +583,7 @@ class VLLMGenerator:
         t = time.perf_counter()
         sent: list[str] = []
         kept: list[Bucket] = []
+        expected: dict[str, torch.Tensor] = {}
         n = size = 0
         touched = False
         try:
@@ -359,14 +592,14 @@ class VLLMGenerator:
                 if not touched and self.sync_method == "reload":
                     self.llm.collective_rpc(_begin_reload)
                 touched = True
+                expected.update(self._expected(bucket))  # from the tensors that are sent, before they go
                 self.llm.collective_rpc(_load_bucket, args=(bucket,))
                 sent.extend(name for name, _ in bucket)
                 kept.append([(name, tensor.to("cpu", copy=True)) for name, tensor in bucket])
                 n += 1
                 size += sum(t.numel() * t.element_size() for _, t in bucket)
             self.spec.check_complete(sent)
-            if self.sync_method == "reload":
-                self.llm.collective_rpc(_finish_reload)
+            self.llm.collective_rpc(_finish_reload if self.sync_method == "reload" else _finish_load)
         except Exception as e:
             if touched:
                 self.restart()
@@ -375,7 +608,32 @@ class VLLMGenerator:
             raise WeightSyncError(f"weight push failed in the engine: {type(e).__name__}: {e}") from e
         self.llm.reset_prefix_cache()
         self._last_good = kept
-        return SyncStats(time.perf_counter() - t, n, size)
+        seconds = time.perf_counter() - t
+        self.last_check = self._check(expected) if self.check_weights else None
+        return SyncStats(seconds, n, size, self.last_check)
+
+    def _expected(self, bucket: Bucket) -> dict[str, torch.Tensor]:
+        """The weight check's expected outputs of the probes this bucket completes."""
+        if not self.check_weights:
+            return {}
+        weights = dict(bucket)
+        dtype = getattr(torch, self.dtype)
+        return {p.key: expected_output(p, weights, dtype) for p in probes_in(self.plan, set(weights))}
+
+    def check(self, buckets: Iterable[Bucket]) -> WeightCheck:
+        """Compare the engine's weights with ``buckets`` (e.g. the actor's, freshly gathered) without a push."""
+        if not self.plan:
+            raise WeightSyncError("this engine has no weight-check plan (started without a WeightSpec, "
+                                  "or with rollout.check_weights=false)")
+        expected: dict[str, torch.Tensor] = {}
+        for bucket in buckets:
+            expected.update({p.key: expected_output(p, dict(bucket), getattr(torch, self.dtype))
+                             for p in probes_in(self.plan, {name for name, _ in bucket})})
+        return self._check(expected)
+
+    def _check(self, expected: dict[str, torch.Tensor]) -> WeightCheck:
+        engine = self.llm.collective_rpc(_probe_outputs, args=(self.plan,))[0]
+        return compare(self.plan, engine, expected, self.check_tolerance)
 
     def load_weights(self, buckets: Iterable[Bucket]) -> SyncStats:
         """Push new weights (buckets of complete groups, see :mod:`saferlhf.rollout.sync`): one call per bucket.

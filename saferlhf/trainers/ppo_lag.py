@@ -483,19 +483,21 @@ class PPOLagTrainer:
     # -- the generation engine ------------------------------------------------------------------
 
     def sync_weights(self) -> dict[str, float]:
-        """Push the actor's weights into the generation engine (DESIGN.md §5); verify if asked.
+        """Push the actor's weights into the generation engine (DESIGN.md §5), then check and verify it.
 
         A failed push leaves the engine on its last good weights (see the vllm backend); it is tried
         once more from the actor, and a second failure stops the run (checkpoints stay as they are).
+        After the push the engine's layers are compared with the actor's weights
+        (``rollout.check_weights``) and, with ``rollout.verify_sync``, its greedy continuations and
+        log-probs with the actor's. A failure of either is handled by ``rollout.on_verify_failure``:
+        ``restart`` rebuilds the engine from the actor's full weights and checks again (a second
+        failure stops the run), ``stop`` stops it at once, ``warn`` logs and goes on.
         """
         cfg = self.cfg
-        dtype = getattr(torch, cfg.model.dtype)
-        device = self.run.device
         self.generator.wake_up()
 
         def push():
-            groups = weight_groups(self.actor, dtype=dtype, device=device)
-            return self.generator.load_weights(bucketize(groups, cfg.rollout.sync_bucket_mb << 20))
+            return self.generator.load_weights(bucketize(self._actor_weights(), cfg.rollout.sync_bucket_mb << 20))
 
         try:
             sync = push()
@@ -503,17 +505,60 @@ class PPOLagTrainer:
             logger.warning("weight sync failed, trying once more: %s", e)
             sync = push()
         stats = {"sync/seconds": sync.seconds, "sync/buckets": float(sync.buckets),
-                 "sync/megabytes": sync.bytes / 2**20, "sync/engine_restarts": float(self.generator.restarts)}
+                 "sync/megabytes": sync.bytes / 2**20}
+        check, failure = self._check_engine(sync.check, stats)
+        stats["sync/failures"] = float(failure is not None)
+        if failure is not None:
+            action = cfg.rollout.on_verify_failure
+            if action == "warn":
+                logger.warning("weight sync check failed, going on (rollout.on_verify_failure=warn): %s", failure)
+            elif action == "stop":
+                raise WeightSyncError(f"weight sync check failed (rollout.on_verify_failure=stop): {failure}")
+            else:
+                logger.warning("weight sync check failed, rebuilding the engine from the actor's weights: %s",
+                               failure)
+                check = self.generator.rebuild(self._actor_weights())
+                _, failure = self._check_engine(check, stats)
+                if failure is not None:
+                    raise WeightSyncError(f"weight sync check failed again after rebuilding the engine from the "
+                                          f"actor's full weights: {failure}")
+        stats["sync/engine_restarts"] = float(self.generator.restarts)
+        return stats
+
+    def _actor_weights(self):
+        """The actor's parameters group by group, in the engine's dtype (a collective under ZeRO-3)."""
+        return weight_groups(self.actor, dtype=getattr(torch, self.cfg.model.dtype), device=self.run.device)
+
+    def _check_engine(self, check, stats: dict[str, float]) -> tuple[object, str | None]:
+        """The weight check's and verification's verdict on the engine, agreed by every rank.
+
+        Fills ``stats`` (``sync/check_ok``, ``sync/check_max_error``, ``sync/verified``,
+        ``sync/max_logprob_diff``) and returns (the check, a description of the failure or None).
+        """
+        cfg = self.cfg
+        failed_check = check is not None and not check.ok
+        verified, diff = True, 0.0
         if cfg.rollout.verify_sync:
             count = min(cfg.rollout.verify_prompts, len(self.prompts))
             probes = [self.prompts[i].input_ids.tolist() for i in range(count)]
             same, diff = self.generator.verify(self.actor, probes)
             verified = same and diff <= cfg.rollout.verify_tolerance
-            if not verified:
-                logger.warning("weight sync check failed: greedy tokens %s, max log-prob difference %.3g",
-                               "equal" if same else "differ", diff)
-            stats.update({"sync/verified": float(verified), "sync/max_logprob_diff": diff})
-        return stats
+        local = torch.tensor([float(failed_check), float(not verified),
+                              check.worst[1] if check is not None else 0.0, diff])
+        failed_check, failed_verify, worst, diff = distributed.all_reduce_max(local).tolist()  # every rank acts alike
+        if check is not None:
+            stats.update({"sync/check_ok": float(not failed_check), "sync/check_max_error": worst})
+        if cfg.rollout.verify_sync:
+            stats.update({"sync/verified": float(not failed_verify), "sync/max_logprob_diff": diff})
+        if not (failed_check or failed_verify):
+            return check, None
+        parts = []
+        if failed_verify:
+            parts.append(f"the engine's greedy continuations or log-probs differ from the actor's (max log-prob "
+                         f"difference {diff:.3g}, tolerance {cfg.rollout.verify_tolerance:.3g})")
+        if check is not None:
+            parts.append(check.describe() if not check.ok else f"weight check passed here ({check.describe()})")
+        return check, "; ".join(parts)
 
     def close(self) -> None:
         """Stop the generation engine (a no-op for the hf backend)."""

@@ -36,9 +36,12 @@ with torch.no_grad():
     for p in model.parameters():
         p.add_(torch.randn_like(p) * 0.02)
 stale = engine.verify(model, [batch.input_ids[0][batch.attention_mask[0].bool()].tolist()])
-engine.load_weights(bucketize(weight_groups(model), 1 << 20))
+stale_check = engine.check(weight_groups(model))  # this rank's shards against the new weights
+sync = engine.load_weights(bucketize(weight_groups(model), 1 << 20))
 synced = engine.verify(model, [batch.input_ids[0][batch.attention_mask[0].bool()].tolist()])
+shards = sorted({p.rows for p in engine.plan if p.module.endswith("qkv_proj")})
 engine.shutdown()
 print(json.dumps({"rank": info.rank, "rows": mine.response_ids.shape[0],
                   "matches_hf": torch.equal(mine.response_ids, own.response_ids), "stale": list(stale),
-                  "synced": list(synced)}), flush=True)
+                  "synced": list(synced), "unchecked": engine.unchecked, "stale_check_ok": stale_check.ok,
+                  "check_ok": sync.check.ok, "check_error": sync.check.worst[1], "qkv_rows": shards}), flush=True)
