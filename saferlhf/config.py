@@ -62,6 +62,9 @@ class ModelConfig:
     fused_layers: bool = _f(True, "RMSNorm and SwiGLU of Llama-family models through saferlhf.ops (fused kernels)")
     compile_layers: bool | str = _f("auto", "torch.compile the decoder layers: auto (CUDA at ZeRO 0-2), true or false")
     trust_remote_code: bool = _f(False, "allow custom modelling code from the checkpoint")
+    packing: bool = _f(True, "padding-free passes: a batch's sequences concatenated into one row, attention per "
+                             "sequence (flash-attn varlen / torch varlen on GPU, per-sequence sdpa on CPU); models "
+                             "that cannot pack run padded with one warning")
 
 
 @dataclass
@@ -85,6 +88,10 @@ class OptimConfig:
     micro_batch_size: int = _f(8, "sequences (pairs for rm/cm) per rank per forward")
     gradient_accumulation: int = _f(1, "micro-batches per optimizer step")
     max_grad_norm: float = _f(1.0, "gradient clipping (0 disables)")
+    micro_batch_tokens: int = _f(0, "token budget of one forward/backward pass (0: micro_batch_size sequences per "
+                                    "pass); the step's batch is cut into passes of at most this many tokens "
+                                    "(packed: real tokens, padded: rows × padded length) and the loss normalised "
+                                    "over the whole step; also the PPO PTX passes")
 
 
 @dataclass
@@ -124,6 +131,8 @@ class PPOConfig:
     ptx_coeff: float = _f(16.0, "weight of the SFT (ptx) loss; used when data.ptx is set")
     shaping_lambda: float = _f(1.0, "fixed lambda of reward shaping (ppo_rs): reward R - lambda*C")
     total_steps: int = _f(100, "PPO steps (one rollout + update each); run.max_steps caps it too")
+    micro_batch_tokens: int = _f(0, "token budget of one pass in scoring and updates (0: one pass over the whole "
+                                    "rollout / mini-batch); gradients accumulate over a mini-batch's passes")
 
 
 @dataclass
@@ -338,6 +347,10 @@ def build_config(
     if cfg.model.compile_layers is True and cfg.deepspeed.zero_stage == 3:
         raise ConfigError("model.compile_layers=true does not work with deepspeed.zero_stage=3 (its parameter "
                           "gathering runs in hooks inside the compiled layers): use auto (which skips it) or false")
+    for key, value in (("ppo.micro_batch_tokens", cfg.ppo.micro_batch_tokens),
+                       ("optim.micro_batch_tokens", cfg.optim.micro_batch_tokens)):
+        if value < 0:
+            raise ConfigError(f"config key '{key}': must be >= 0 (0: no token budget), got {value}")
     if cfg.rollout.on_verify_failure not in ("restart", "stop", "warn"):
         raise ConfigError(f"config key 'rollout.on_verify_failure': expected restart, stop or warn, "
                           f"got {cfg.rollout.on_verify_failure!r}")

@@ -72,6 +72,33 @@ def disable_cpu_shm_allreduce() -> None:
     compatible["deepspeed_shm_comm"] = False
 
 
+def default_backend(cuda: bool) -> str:
+    """The process-group backend the package creates: ``gloo`` on CPU, ``cpu:gloo,cuda:nccl`` on GPUs.
+
+    On GPUs DeepSpeed's collectives (gradients, ZeRO partitions) are CUDA tensors and go to NCCL.
+    The package's own collectives reduce *host* values — stacked metric vectors, the Lagrange
+    multiplier's (sum, count) of episode costs, flags every rank must agree on, pickled objects —
+    which are read on the host right after; a gloo backend beside NCCL serves them where they are,
+    so no collective of the package depends on which device a tensor happens to live on (an
+    NCCL-only group fails on the first CPU tensor, which is how the trainer used to stop at its first
+    step's metrics on several GPUs). Every collective of the package goes through this module.
+    """
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
+def backend_devices(backend: str) -> set[str]:
+    """The tensor device types a backend string serves: ``nccl`` → {cuda}, ``cpu:gloo,cuda:nccl`` → both."""
+    served: set[str] = set()
+    for part in backend.lower().split(","):
+        device, _, name = part.rpartition(":")
+        if device:
+            served.add(device)
+        else:  # a bare backend name serves its own device types
+            served.update({"nccl": {"cuda"}, "gloo": {"cpu", "cuda"}, "mpi": {"cpu", "cuda"},
+                           "ccl": {"cpu", "xpu"}}.get(name, set()))
+    return served
+
+
 def init_distributed(backend: str = "") -> DistInfo:
     """Start (or join) the process group; works under torchrun / the deepspeed launcher or alone."""
     if "RANK" not in os.environ:  # a plain `python -m saferlhf ...`: a world of one
@@ -86,7 +113,7 @@ def init_distributed(backend: str = "") -> DistInfo:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend or ("gloo" if _ON_CPU else "nccl"), verbose=False)
+        deepspeed.init_distributed(dist_backend=backend or default_backend(cuda=not _ON_CPU), verbose=False)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
@@ -95,21 +122,31 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce(values: torch.Tensor, op) -> torch.Tensor:
+    """``values`` reduced over ranks (a new tensor on the same device; ``values`` itself is untouched)."""
+    values = values.clone()
+    if _world() > 1:
+        dist.all_reduce(values, op=op)
+    return values
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum of a stacked vector over ranks: one collective (e.g. the Lagrange multiplier's (sum, count))."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
+
+
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean of a stacked metric vector over ranks: one collective for all metrics."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= dist.get_world_size()
-    return values
+    return _all_reduce(values, dist.ReduceOp.SUM) / _world()
 
 
 def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     """Element-wise max of a stacked vector over ranks (e.g. failure flags that every rank must act on)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values
+    return _all_reduce(values, dist.ReduceOp.MAX)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

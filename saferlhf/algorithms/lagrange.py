@@ -30,9 +30,12 @@ independent multiplier per constraint, updated together with a single all-reduce
 All three share one interface: ``update(episode_costs) -> λ`` (adds the costs to the window, then one
 update step), ``value`` (python float), ``tensor`` (float32, for the loss), ``last_cost`` (the J_C of
 the last update), ``state_dict()`` / ``load_state_dict()`` (exact round trip: λ state, step count,
-window). ``update`` is a collective when torch.distributed is initialised: every rank must call it,
-and every rank computes the same J_C and therefore the same λ — no broadcast is needed. The update
-runs on the host in float64; reading the costs is its one host sync, once per PPO step.
+window). Pooling over ranks is the caller's: ``pool`` (keyword argument) sums a (K, 2) float64 tensor
+of per-window (sum, count) over ranks — the trainer passes ``saferlhf.distributed.all_reduce_sum``,
+and then ``update`` is a collective that every rank must call; every rank computes the same J_C and
+therefore the same λ, no broadcast is needed. Without ``pool`` the windows are this process's own.
+This module imports only torch. The update runs on the host in float64; reading the costs is its one
+host sync, once per PPO step.
 
 Deviations from the original safe-rlhf code:
 - J_C pools the windows of all ranks (a global (sum, count) all-reduce); the original averaged the
@@ -46,13 +49,13 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import torch
-import torch.distributed as dist
 
 EpisodeCosts = Union[torch.Tensor, Sequence[float], float]
+Pool = Callable[[torch.Tensor], torch.Tensor]  # (K, 2) per-rank (sum, count) → the sum over ranks
 
 
 def _check_finite(name: str, value: float) -> None:
@@ -80,21 +83,18 @@ def _cost_list(episode_costs: EpisodeCosts) -> list[float]:
     return costs
 
 
-def _window_means(windows: Sequence[deque[float]]) -> list[float]:
-    """J_C per window: the mean of its costs, pooled over all ranks with one all-reduce.
+def _window_means(windows: Sequence[deque[float]], pool: Pool | None) -> list[float]:
+    """J_C per window: the mean of its costs, pooled over all ranks by ``pool`` (one collective).
 
     Args:
         windows: K deques of this rank's recent episode costs.
+        pool: sums the (K, 2) tensor of (sum, count) over ranks; None keeps this process's own.
     Returns:
         K python floats.
     """
     totals = torch.tensor([[math.fsum(w), float(len(w))] for w in windows], dtype=torch.float64)  # (K, 2)
-    if dist.is_available() and dist.is_initialized():
-        on_gpu = dist.get_backend() == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-        reduced = totals.to(device)
-        dist.all_reduce(reduced)  # sum of (sum, count) over ranks; identical on every rank
-        totals = reduced.cpu()  # host sync, once per update
+    if pool is not None:
+        totals = pool(totals).cpu()  # identical on every rank
     means = []
     for k, (total, count) in enumerate(totals.tolist()):
         if count == 0:
@@ -128,6 +128,7 @@ class LagrangeMultiplier:
         threshold: the cost limit d.
         delay: number of initial ``update`` calls that only record costs.
         window: number of most recent episode costs (per rank) in J_C.
+        pool: sums (sum, count) over ranks (module docstring); None: this process only.
     """
 
     def __init__(
@@ -138,6 +139,8 @@ class LagrangeMultiplier:
         threshold: float = 0.0,
         delay: int = 0,
         window: int = 128,
+        *,
+        pool: Pool | None = None,
     ) -> None:
         for name, value in [
             ("lambda_init", lambda_init),
@@ -159,6 +162,7 @@ class LagrangeMultiplier:
         self.delay = delay
         self._log_lambda_max = math.log(lambda_max)
         self._log_lambda = math.log(lambda_init)
+        self.pool = pool
         self._window: deque[float] = deque(maxlen=window)
         self._steps = 0
         self.last_cost: float | None = None
@@ -176,7 +180,7 @@ class LagrangeMultiplier:
     def update(self, episode_costs: EpisodeCosts) -> float:
         """Add this batch's episode costs (N,) to the window, then take one step; returns the new λ."""
         self._window.extend(_cost_list(episode_costs))
-        (mean_cost,) = _window_means([self._window])
+        (mean_cost,) = _window_means([self._window], self.pool)
         return self._apply(mean_cost)
 
     def _apply(self, mean_cost: float) -> float:
@@ -221,6 +225,7 @@ class PIDLagrangian:
         lambda_max: upper bound of λ (and of the integral term), > 0.
         lambda_init: λ before the first update and the integral's starting value, in [0, lambda_max].
         delay: number of initial ``update`` calls that only record costs.
+        pool: sums (sum, count) over ranks (module docstring); None: this process only.
     """
 
     def __init__(
@@ -233,6 +238,8 @@ class PIDLagrangian:
         lambda_max: float = 5.0,
         lambda_init: float = 1.0,
         delay: int = 0,
+        *,
+        pool: Pool | None = None,
     ) -> None:
         for name, value in [("kp", kp), ("ki", ki), ("kd", kd), ("lambda_max", lambda_max)]:
             _check_finite(name, value)
@@ -252,6 +259,7 @@ class PIDLagrangian:
         self.delay = delay
         self._lambda = float(lambda_init)
         self._integral = float(lambda_init)
+        self.pool = pool
         self._previous_error: float | None = None
         self._window: deque[float] = deque(maxlen=window)
         self._steps = 0
@@ -270,7 +278,7 @@ class PIDLagrangian:
     def update(self, episode_costs: EpisodeCosts) -> float:
         """Add this batch's episode costs (N,) to the window, then take one step; returns the new λ."""
         self._window.extend(_cost_list(episode_costs))
-        (mean_cost,) = _window_means([self._window])
+        (mean_cost,) = _window_means([self._window], self.pool)
         return self._apply(mean_cost)
 
     def _apply(self, mean_cost: float) -> float:
@@ -325,13 +333,14 @@ class MultiLagrange:
     """K constraints, one multiplier each (any mix of ``LagrangeMultiplier`` and ``PIDLagrangian``).
 
     ``update`` takes the costs of each constraint, (K, N), and updates every λ_k from its own window
-    with one all-reduce for all K; ``tensor`` is (K,), the λ argument of ``lagrangian_advantage``.
+    with one ``pool`` call for all K; ``tensor`` is (K,), the λ argument of ``lagrangian_advantage``.
     """
 
-    def __init__(self, multipliers: Sequence[Multiplier]) -> None:
+    def __init__(self, multipliers: Sequence[Multiplier], *, pool: Pool | None = None) -> None:
         if len(multipliers) == 0:
             raise ValueError("MultiLagrange needs at least one multiplier")
         self.multipliers = list(multipliers)
+        self.pool = pool
 
     @property
     def value(self) -> list[float]:
@@ -358,7 +367,7 @@ class MultiLagrange:
         rows = [_cost_list(costs) for costs in episode_costs]
         for multiplier, costs in zip(self.multipliers, rows):
             multiplier._window.extend(costs)
-        means = _window_means([m._window for m in self.multipliers])
+        means = _window_means([m._window for m in self.multipliers], self.pool)
         return [m._apply(mean) for m, mean in zip(self.multipliers, means)]
 
     def state_dict(self) -> dict[str, Any]:

@@ -112,16 +112,27 @@ class ScoreModel(nn.Module):
         )
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden: bool = False
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, output_hidden: bool = False,
+        position_ids: torch.Tensor | None = None, **packed,
     ) -> ScoreOutput:
-        """input_ids, attention_mask: (B, L) → ScoreOutput (scores (B, L[, K]), end_scores (B[, K]))."""
-        extra = {}
-        if self._takes_position_ids:
+        """input_ids, attention_mask: (B, L) → ScoreOutput (scores (B, L[, K]), end_scores (B[, K])).
+
+        A packed call (:meth:`saferlhf.models.packing.Packed.model_kwargs`: one row of S tokens, the
+        sequences' ``cu_seq_lens_q``) returns scores (1, S[, K]) and the end score of every packed
+        sequence, (N[, K]), taken at its last token.
+        """
+        extra = dict(packed)
+        if position_ids is not None:
+            extra["position_ids"] = position_ids
+        elif self._takes_position_ids:
             extra["position_ids"] = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)  # (B, L)
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         scores = self.score_head(hidden.to(self.score_head.weight.dtype)).float()  # (B, L, K)
-        rows = torch.arange(scores.shape[0], device=scores.device)
-        end_scores = scores[rows, end_positions(attention_mask)]  # (B, K)
+        if "cu_seq_lens_q" in packed:
+            end_scores = scores[0, packed["cu_seq_lens_q"][1:].long() - 1]  # (N, K)
+        else:
+            rows = torch.arange(scores.shape[0], device=scores.device)
+            end_scores = scores[rows, end_positions(attention_mask)]  # (B, K)
         if self.training:
             self.update_score_stats(end_scores)
         if self.normalize:

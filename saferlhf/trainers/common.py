@@ -27,6 +27,7 @@ import torch
 
 from saferlhf import distributed
 from saferlhf.config import Config, save_config
+from saferlhf.models import packing
 from saferlhf.models.compiled import compile_layers, resolve_compile_layers
 from saferlhf.models.fused import use_fused_layers
 from saferlhf.models.hf import save_causal_lm
@@ -188,13 +189,16 @@ def setup_run(cfg: Config) -> Run:
 
 
 def apply_layer_levers(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
-    """``model`` with the layer levers of ``cfg.model``: fused RMSNorm/SwiGLU and compiled decoder layers."""
+    """``model`` with the levers of ``cfg.model``: fused RMSNorm/SwiGLU, compiled decoder layers and
+    packed passes (``packing.is_enabled(model)`` says whether they took)."""
     if cfg.model.fused_layers:
         use_fused_layers(model)
     if resolve_compile_layers(cfg.model.compile_layers, device, cfg.deepspeed.zero_stage):
         count = compile_layers(model)
         logger.info("%s: %d decoder layers compiled (model.compile_layers=%s)", type(model).__name__, count,
                     str(cfg.model.compile_layers).lower())
+    if cfg.model.packing:
+        packing.enable(model)
     return model
 
 
@@ -289,9 +293,11 @@ def check_finite(name: str, value: torch.Tensor, step: int) -> None:
 
 def train_ds_config(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed config of the stage's trained model, from the optim and deepspeed sections."""
+    # The loop marks the accumulation boundary itself (a step's passes depend on the token budget) and
+    # normalises the loss over the whole step, so DeepSpeed counts one micro-batch of the step's size.
     o, d = cfg.optim, cfg.deepspeed
     return distributed.ds_config(
-        micro_batch_size=o.micro_batch_size, gradient_accumulation=o.gradient_accumulation,
+        micro_batch_size=o.micro_batch_size * o.gradient_accumulation, gradient_accumulation=1,
         world_size=world_size, zero_stage=d.zero_stage, offload=d.offload, bf16=d.bf16, fp16=d.fp16,
         max_grad_norm=o.max_grad_norm, lr=o.lr, betas=tuple(o.adam_betas), eps=o.adam_eps,
         weight_decay=o.weight_decay,

@@ -27,7 +27,9 @@ from saferlhf import distributed, ops
 from saferlhf.algorithms import divergence_mask, dpo_loss, sequence_logprob_sums
 from saferlhf.config import Config
 from saferlhf.data.collate import PairBatch, PairDataset
+from saferlhf.models import packing
 from saferlhf.models.hf import load_causal_lm, load_tokenizer
+from saferlhf.models.packing import pack
 from saferlhf.trainers.common import (
     apply_layer_levers,
     eval_batches,
@@ -38,7 +40,7 @@ from saferlhf.trainers.common import (
     train_ds_config,
 )
 from saferlhf.trainers.data import load_splits
-from saferlhf.trainers.supervised import plan_steps, train_supervised
+from saferlhf.trainers.supervised import Units, plan_steps, train_supervised
 
 # dpo.label -> the PairDataset ordering that puts that response first (reward model / cost model).
 LABELS = {"better": "reward", "safer": "cost"}
@@ -46,19 +48,30 @@ PLOT_KEYS = ["train/loss", "eval/loss", "train/accuracy", "eval/accuracy", "trai
              "eval/reward_margin", "train/chosen_reward", "train/rejected_reward", "train/lr"]
 
 
-def pair_logprob_sums(model, batch: PairBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logprob_sums(model, batch: PairBatch, device: torch.device,
+                      packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs (chosen, rejected), each (B,) float32, of a pair batch under ``model``.
 
     ``model`` is an engine or a plain causal LM; the batch is right-padded, so the default positions
-    are right. Differentiable when called with gradients enabled.
+    are right. Differentiable when called with gradients enabled. Packed, only the scored positions go
+    through the LM head.
     """
     ids = batch.input_ids.to(device)  # (2B, L)
     attention = batch.attention_mask.to(device)  # (2B, L)
-    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits  # (2B, L, V)
-    logp = ops.logprobs(logits[:, :-1], ids[:, 1:])  # (2B, L-1): entry t is log p(token t+1)
     b = batch.num_pairs
     chosen_mask, rejected_mask = divergence_mask(ids[:b], ids[b:], attention[:b], attention[b:])  # (B, L-1) x2
-    sums = sequence_logprob_sums(logp, torch.cat([chosen_mask, rejected_mask]))  # (2B,)
+    scored = torch.cat([chosen_mask, rejected_mask])  # (2B, L-1): entry t scores token t+1
+    if packed:
+        pk = pack(ids, attention)
+        rows, cols = scored.nonzero(as_tuple=True)  # (K,)
+        where = pk.packed_position().view(ids.shape)
+        logits = model(**pk.model_kwargs(), logits_to_keep=where[rows, cols], use_cache=False).logits[0]  # (K, V)
+        token_logp = ops.logprobs(logits, ids[rows, cols + 1])  # (K,)
+        sums = token_logp.new_zeros(ids.shape[0]).index_add(0, rows, token_logp)  # (2B,)
+        return sums[:b], sums[b:]
+    logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits  # (2B, L, V)
+    logp = ops.logprobs(logits[:, :-1], ids[:, 1:])  # (2B, L-1): entry t is log p(token t+1)
+    sums = sequence_logprob_sums(logp, scored)  # (2B,)
     return sums[:b], sums[b:]
 
 
@@ -80,7 +93,7 @@ def _reference_ds_config(cfg: Config, world_size: int) -> dict:
     """The frozen reference's DeepSpeed config: the policy's ZeRO stage and precision, no optimizer."""
     o, d = cfg.optim, cfg.deepspeed
     return distributed.ds_config(
-        micro_batch_size=o.micro_batch_size, gradient_accumulation=o.gradient_accumulation,
+        micro_batch_size=o.micro_batch_size * o.gradient_accumulation, gradient_accumulation=1,
         world_size=world_size, zero_stage=d.zero_stage, offload=d.offload, bf16=d.bf16, fp16=d.fp16,
         train=False,
     )
@@ -117,10 +130,12 @@ def train_dpo(cfg: Config) -> dict[str, float]:
     # The reference is the policy's start checkpoint, frozen; it only ever runs forwards.
     reference = distributed.make_engine(load(False), _reference_ds_config(cfg, run.dist.world_size))
 
+    packed = packing.is_enabled(engine.module) and packing.is_enabled(reference.module)
+
     def loss_fn(engine, batch):
         with torch.no_grad():
-            ref_chosen, ref_rejected = pair_logprob_sums(reference, batch, run.device)  # (B,) x2
-        chosen, rejected = pair_logprob_sums(engine, batch, run.device)  # (B,) x2
+            ref_chosen, ref_rejected = pair_logprob_sums(reference, batch, run.device, packed)  # (B,) x2
+        chosen, rejected = pair_logprob_sums(engine, batch, run.device, packed)  # (B,) x2
         return dpo_metrics(chosen, rejected, ref_chosen, ref_rejected, beta)
 
     # The reference's sums on the held-out pairs never change: computed at the first evaluation.
@@ -135,8 +150,9 @@ def train_dpo(cfg: Config) -> dict[str, float]:
         sums: list[list[torch.Tensor]] = [[], [], [], []]  # policy chosen/rejected, reference chosen/rejected
         for k, (batch, valid) in enumerate(eval_batches(eval_set, cfg.optim.micro_batch_size, run.dist)):
             if first:
-                eval_reference.append(tuple(s.cpu() for s in pair_logprob_sums(reference, batch, run.device)))
-            policy = pair_logprob_sums(engine, batch, run.device)
+                eval_reference.append(tuple(s.cpu() for s in pair_logprob_sums(reference, batch, run.device,
+                                                                                 packed)))
+            policy = pair_logprob_sums(engine, batch, run.device, packed)
             for out, value in zip(sums, (*policy, *eval_reference[k])):
                 out.append(value.cpu()[:valid])
         parts = distributed.all_gather_objects([torch.cat(s) for s in sums])
@@ -147,7 +163,13 @@ def train_dpo(cfg: Config) -> dict[str, float]:
     def save_fn(engine, directory):
         save_model(run, engine, directory, tokenizer)
 
-    final = train_supervised(run, engine, train_set, plan, loss_fn, eval_fn, save_fn)
+    def pair_lengths(i):
+        item = train_set[i]
+        return len(item.chosen), len(item.rejected)
+
+    units = Units(count=lambda batch: float(batch.num_pairs), lengths=pair_lengths, side_by_side=False,
+                  packed=packed)
+    final = train_supervised(run, engine, train_set, plan, loss_fn, eval_fn, save_fn, units)
     if run.is_main:
         plot_metrics(run.out_dir / "metrics.jsonl", PLOT_KEYS, run.plot_dir / "dpo.png",
                      title=f"DPO ({cfg.dpo.label}, beta={beta:g})")

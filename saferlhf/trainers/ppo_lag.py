@@ -33,16 +33,17 @@ from saferlhf.algorithms import (
     LagrangeMultiplier,
     PIDLagrangian,
     policy_loss,
-    sft_loss,
     value_loss,
 )
 from saferlhf.config import Config
 from saferlhf.data.collate import PromptDataset, SFTDataset
+from saferlhf.models import packing
 from saferlhf.models.hf import load_causal_lm, load_tokenizer
 from saferlhf.models.score_model import ScoreModel
 from saferlhf.rollout import make_generator
 from saferlhf.rollout.base import Generation, SamplingParams
 from saferlhf.rollout.sync import WeightSyncError, bucketize, weight_groups
+from saferlhf.trainers.batching import split_by_tokens
 from saferlhf.trainers.common import (
     Run,
     apply_layer_levers,
@@ -56,7 +57,15 @@ from saferlhf.trainers.common import (
     truncate_metrics,
 )
 from saferlhf.trainers.data import load_splits
-from saferlhf.trainers.passes import mean_entropy, response_logprobs, response_values
+from saferlhf.trainers.passes import (
+    Rows,
+    end_scores,
+    entropy_sum,
+    response_logprobs,
+    response_values,
+    sft_pass,
+    trim_right,
+)
 from saferlhf.trainers.phases import PhaseTimer, StepProfiler
 
 MODES = {"ppo_lag": "ppo-lag", "ppo": "ppo", "ppo_rs": "ppo-rs"}
@@ -81,37 +90,41 @@ class Experience:
 class Scorer:
     """A frozen reward or cost model; re-tokenizes the text when its tokenizer differs from the actor's."""
 
-    def __init__(self, engine, tokenizer, actor_tokenizer, max_length: int, device):
+    def __init__(self, engine, tokenizer, actor_tokenizer, max_length: int, device, packed: bool = False):
         self.engine, self.tokenizer, self.device = engine, tokenizer, device
         self.same_tokenizer = tokenizer.get_vocab() == actor_tokenizer.get_vocab()
         self.actor_tokenizer, self.max_length = actor_tokenizer, max_length
+        self.packed = packed
 
     @torch.no_grad()
     def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.same_tokenizer:
-            out = self.engine(input_ids=sequences.to(self.device), attention_mask=attention_mask.to(self.device))
-            return out.end_scores.float()
+            return end_scores(self.engine, sequences.to(self.device), attention_mask.to(self.device),
+                              packed=self.packed)
         # As in the original safe-rlhf: decode with the actor's tokenizer, encode with the scorer's.
         texts = [self.actor_tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
                  for ids, m in zip(sequences, attention_mask)]
         enc = self.tokenizer([t + (self.tokenizer.eos_token or "") for t in texts], return_tensors="pt",
                              padding=True, truncation=True, max_length=self.max_length, add_special_tokens=False)
-        out = self.engine(input_ids=enc.input_ids.to(self.device), attention_mask=enc.attention_mask.to(self.device))
-        return out.end_scores.float()
+        return end_scores(self.engine, enc.input_ids.to(self.device), enc.attention_mask.to(self.device),
+                          packed=self.packed)
 
 
 def make_lagrange(cfg: Config):
     lg = cfg.lagrange
     if lg.method == "gradient":
         return LagrangeMultiplier(lambda_init=lg.lambda_init, lr=lg.lr, lambda_max=lg.lambda_max,
-                                  threshold=lg.threshold, delay=lg.delay, window=lg.window)
+                                  threshold=lg.threshold, delay=lg.delay, window=lg.window,
+                                  pool=distributed.all_reduce_sum)
     if lg.method == "pid":
         return PIDLagrangian(kp=lg.kp, ki=lg.ki, kd=lg.kd, threshold=lg.threshold, window=lg.window,
-                             lambda_max=lg.lambda_max, lambda_init=lg.lambda_init)
+                             lambda_max=lg.lambda_max, lambda_init=lg.lambda_init, pool=distributed.all_reduce_sum)
     raise ValueError(f"lagrange.method must be gradient or pid, got {lg.method!r}")
 
 
 def _engine_config(cfg: Config, world: int, *, lr: float, weight_decay: float, train: bool) -> dict:
+    # One optimizer step per mini-batch: the trainer marks the last of its passes as the accumulation
+    # boundary itself (their number depends on the token budget), so DeepSpeed's own count is 1.
     d, p = cfg.deepspeed, cfg.ppo
     return distributed.ds_config(
         micro_batch_size=p.mini_batch_size, gradient_accumulation=1, world_size=world,
@@ -164,6 +177,20 @@ class PPOLagTrainer:
             ptx_rows = mix_datasets(cfg.data.ptx, "sft", seed=cfg.run.seed, strict=cfg.data.strict).rows
             sft_tok = load_tokenizer(cfg.model.tokenizer or actor_path, padding_side="right")
             self.ptx = SFTDataset(ptx_rows, sft_tok, cfg.model.max_length, chat_template=cfg.model.chat_template)
+        if p.micro_batch_tokens > 0:
+            # The longest sequence a pass can meet: the longest prompt and a response at the length cap.
+            longest = max(len(self.prompts[i].input_ids) for i in range(len(self.prompts))) + \
+                cfg.rollout.max_new_tokens
+            if p.micro_batch_tokens < longest:
+                raise ValueError(f"ppo.micro_batch_tokens={p.micro_batch_tokens} is smaller than the longest "
+                                 f"sequence a step can hold ({longest} tokens: the longest prompt plus "
+                                 f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}); raise it to at least "
+                                 f"{longest}")
+        if self.ptx is not None and cfg.optim.micro_batch_tokens > 0:
+            longest = max(len(self.ptx[i].input_ids) for i in range(len(self.ptx)))
+            if cfg.optim.micro_batch_tokens < longest:
+                raise ValueError(f"optim.micro_batch_tokens={cfg.optim.micro_batch_tokens} (the PTX passes' budget) is "
+                                 f"smaller than the longest PTX sequence ({longest} tokens)")
         n_per_step = p.rollout_batch_size * world
         if len(self.prompts) < n_per_step:
             raise ValueError(f"{len(self.prompts)} prompts are fewer than one step's {n_per_step} "
@@ -180,29 +207,36 @@ class PPOLagTrainer:
         def frozen(model):
             return distributed.make_engine(model, _engine_config(cfg, world, lr=0.0, weight_decay=0.0, train=False))
 
-        def load(path):
+        self.packed: dict[str, bool] = {}  # model → whether its passes run packed (model.packing)
+
+        def levers(name, model):
+            model = apply_layer_levers(model, cfg, device)
+            self.packed[name] = packing.is_enabled(model)
+            return model
+
+        def load(name, path):
             model = load_causal_lm(path, dtype=cfg.model.dtype, tokenizer=self.tokenizer,
                                    gradient_checkpointing=cfg.model.gradient_checkpointing)
-            return apply_layer_levers(model, cfg, device)
+            return levers(name, model)
 
-        def score_model(path):
-            return apply_layer_levers(ScoreModel.from_pretrained(path, dtype=cfg.model.dtype), cfg, device)
+        def score_model(name, path):
+            return levers(name, ScoreModel.from_pretrained(path, dtype=cfg.model.dtype))
 
-        self.actor = trained(load(actor_path), cfg.optim.lr, cfg.optim.weight_decay)
-        self.ref = frozen(load(actor_path))
-        self.reward = Scorer(frozen(score_model(p.reward_model)),
+        self.actor = trained(load("actor", actor_path), cfg.optim.lr, cfg.optim.weight_decay)
+        self.ref = frozen(load("ref", actor_path))
+        self.reward = Scorer(frozen(score_model("reward", p.reward_model)),
                              load_tokenizer(p.reward_model, padding_side="right"), self.tokenizer,
-                             cfg.model.max_length, device)
+                             cfg.model.max_length, device, self.packed["reward"])
         self.cost = None
         if p.cost_model:
-            self.cost = Scorer(frozen(score_model(p.cost_model)),
+            self.cost = Scorer(frozen(score_model("cost", p.cost_model)),
                                load_tokenizer(p.cost_model, padding_side="right"), self.tokenizer,
-                               cfg.model.max_length, device)
-        self.critic_r = trained(score_model(critic_paths["reward"]),
+                               cfg.model.max_length, device, self.packed["cost"])
+        self.critic_r = trained(score_model("reward_critic", critic_paths["reward"]),
                                 p.critic_lr, p.critic_weight_decay)
         self.critic_c = None
         if self.use_cost_critic:
-            self.critic_c = trained(score_model(critic_paths["cost"]),
+            self.critic_c = trained(score_model("cost_critic", critic_paths["cost"]),
                                     p.critic_lr, p.critic_weight_decay)
         self.lagrange = make_lagrange(cfg) if self.mode == "ppo_lag" else None
         self.generator = make_generator(cfg, self.actor, self.tokenizer, actor_path)
@@ -300,31 +334,84 @@ class PPOLagTrainer:
         run.metrics.close()
         return last
 
+    # -- passes: the token budget ---------------------------------------------------------------------
+
+    def _passes(self, attention_mask: torch.Tensor, prompt_len: int,
+                rows: torch.Tensor | None = None) -> list[tuple[torch.Tensor, bool]]:
+        """``rows`` of a rollout (all when None) cut into passes of at most ``ppo.micro_batch_tokens``.
+
+        Returns (row indices, real) per pass. Every rank runs the same number of passes (ZeRO-2/3
+        reduce or gather at each); a rank with fewer rows than passes gets a zero-weight pass over one
+        row (``real`` False) that only keeps the ranks in step.
+        """
+        budget = self.cfg.ppo.micro_batch_tokens
+        if rows is None:
+            rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
+        if budget <= 0:
+            return [(rows, True)]
+        sub = attention_mask[rows]
+        # Host sync, once per mini-batch: the lengths decide the passes.
+        items = list(zip(sub[:, :prompt_len].sum(-1).tolist(), sub[:, prompt_len:].sum(-1).tolist()))
+        longest = max(p + r for p, r in items)
+        if longest > budget:
+            raise ValueError(f"ppo.micro_batch_tokens={budget} is smaller than a sequence of {longest} tokens")
+        packed = self.packed["actor"]
+        parts = split_by_tokens(items, budget, packed=packed)
+        count = int(distributed.all_reduce_max(torch.tensor([len(parts)]))[0])
+        if count > len(parts):
+            parts = split_by_tokens(items, budget, packed=packed, min_parts=count)
+        return [(rows[torch.tensor(part, device=rows.device)], True) if part else (rows[:1], False)
+                for part in parts]
+
+    # -- experience ----------------------------------------------------------------------------------
+
     @torch.no_grad()
     def make_experience(self, gen: Generation, step: int) -> tuple[Experience, dict[str, float]]:
-        """Score a rollout and turn it into advantages and returns (DESIGN.md §3)."""
+        """Score a rollout and turn it into advantages and returns (DESIGN.md §3).
+
+        The six passes (actor and reference log-probs, reward and cost end scores, both critics' values)
+        run pass by pass over token-budget micro-batches (``ppo.micro_batch_tokens``), packed where the
+        model allows (``model.packing``), so that memory follows the budget, not the rollout.
+        """
         cfg, device = self.cfg, self.run.device
         seq = gen.sequences.to(device)  # (N, L)
         attn = gen.attention_mask.to(device)  # (N, L)
         mask = gen.response_mask.to(device).float()  # (N, T)
         plen = gen.prompt_ids.shape[1]
+        n, width = mask.shape
         temperature = cfg.rollout.temperature
+        logp_old, logp_ref, values_r, values_c = (torch.zeros(n, width, device=device) for _ in range(4))
+        reward, cost = torch.zeros(n, device=device), torch.zeros(n, device=device)
+        entropy = torch.zeros(2, device=device)  # (Σ entropy, tokens)
         self.actor.eval()
         with self.phases("score"):
-            logp_old, logits = response_logprobs(self.actor, seq, attn, plen, temperature)  # (N, T), (N, T, V)
-            entropy = mean_entropy(logits, mask, temperature)
-            del logits
-            logp_ref, _ = response_logprobs(self.ref, seq, attn, plen, temperature)  # (N, T)
-            reward = self.reward(seq, attn)  # (N,)
-            cost = self.cost(seq, attn) if self.cost is not None else torch.zeros_like(reward)  # (N,)
+            for index, real in self._passes(attn, plen):
+                rows = Rows.take(seq, attn, plen, index)
+                args = (rows.sequences, rows.attention_mask, rows.prompt_len)
+                lp, logits = response_logprobs(self.actor, *args, temperature, packed=self.packed["actor"])
+                ent = entropy_sum(logits, None if self.packed["actor"] else rows.response(mask), temperature)
+                del logits
+                lp_ref, _ = response_logprobs(self.ref, *args, temperature, packed=self.packed["ref"])
+                r = self.reward(rows.sequences, rows.attention_mask)
+                c = self.cost(rows.sequences, rows.attention_mask) if self.cost is not None else None
+                v_r = response_values(self.critic_r, *args, packed=self.packed["reward_critic"])
+                v_c = (response_values(self.critic_c, *args, packed=self.packed["cost_critic"])
+                       if self.critic_c is not None else None)
+                if not real:
+                    continue  # a zero-weight pass: it only kept this rank in step with the others
+                cols = slice(0, rows.width)
+                logp_old[index, cols], logp_ref[index, cols], values_r[index, cols] = lp, lp_ref, v_r
+                if v_c is not None:
+                    values_c[index, cols] = v_c
+                reward[index] = r
+                if c is not None:
+                    cost[index] = c
+                entropy += torch.stack(ent)
             check_finite("reward score", reward, step)
             check_finite("cost score", cost, step)
-            values_r = response_values(self.critic_r, seq, attn, plen)  # (N, T)
-            values_c = (response_values(self.critic_c, seq, attn, plen) if self.critic_c is not None
-                        else torch.zeros_like(values_r))
         with self.phases("experience"):
             return self._advantages(step, seq, attn, plen, mask, logp_old, logp_ref, reward, cost, values_r,
-                                    values_c, entropy)
+                                    values_c, entropy[0] / entropy[1].clamp(min=1.0))
 
     def _advantages(self, step, seq, attn, plen, mask, logp_old, logp_ref, reward, cost, values_r, values_c,
                     entropy) -> tuple[Experience, dict[str, float]]:
@@ -358,8 +445,11 @@ class PPOLagTrainer:
         exp = Experience(seq, attn, plen, mask, logp_old, values_r, values_c, adv, ret_r, ret_c)
         return exp, stats
 
+    # -- the update epochs ---------------------------------------------------------------------------------
+
     def update(self, exp: Experience, step: int) -> dict[str, float]:
-        """PPO epochs over mini-batches: actor (+ PTX), reward critic, cost critic."""
+        """PPO epochs over mini-batches: actor (+ PTX), reward critic, cost critic; one optimizer step each
+        per mini-batch, its gradient accumulated over the mini-batch's passes."""
         cfg, p = self.cfg, self.cfg.ppo
         n = exp.sequences.shape[0]
         sums: dict[str, list[torch.Tensor]] = {}
@@ -373,10 +463,12 @@ class PPOLagTrainer:
             order = torch.randperm(n, generator=g)
             for start in range(0, n - p.mini_batch_size + 1, p.mini_batch_size):
                 idx = order[start : start + p.mini_batch_size].to(exp.sequences.device)
+                passes = self._passes(exp.attention_mask, exp.prompt_len, idx)
+                weights = _pass_weights(exp.mask, idx, passes)
                 with self.phases("actor"):
-                    metrics = self._actor_step(exp, idx, step, update)
+                    metrics = self._actor_step(exp, passes, weights, step, update)
                 with self.phases("critics"):
-                    metrics.update(self._critic_steps(exp, idx, step))
+                    metrics.update(self._critic_steps(exp, passes, weights, step))
                 for key, value in metrics.items():
                     sums.setdefault(key, []).append(value.detach().float().reshape(()))
                 update += 1
@@ -388,31 +480,63 @@ class PPOLagTrainer:
         out["train/actor_lr"] = self.actor.get_lr()[0]
         return out
 
-    def _actor_step(self, exp: Experience, idx: torch.Tensor, step: int, update: int) -> dict[str, torch.Tensor]:
-        """One clipped-policy-loss step of the actor on mini-batch ``idx`` (+ PTX when configured)."""
+    def _actor_step(self, exp: Experience, passes, weights, step: int, update: int) -> dict[str, torch.Tensor]:
+        """One clipped-policy-loss step of the actor on a mini-batch (+ PTX when configured)."""
         cfg, p = self.cfg, self.cfg.ppo
-        seq, attn, mask = exp.sequences[idx], exp.attention_mask[idx], exp.mask[idx]
-        logp, _ = response_logprobs(self.actor, seq, attn, exp.prompt_len, cfg.rollout.temperature)
-        pl = policy_loss(logp, exp.logp_old[idx], exp.adv[idx], mask, p.clip_ratio)
-        loss = pl.loss
-        metrics = {"actor_loss": pl.loss.detach(), "actor_clip_fraction": pl.clip_fraction,
-                   "approx_kl": pl.approx_kl}
-        if self.ptx is not None and p.ptx_coeff > 0:
-            ptx = self.ptx.collate([self.ptx[i] for i in self.ptx_indices(step, update)])
-            ptx_logits = self.actor(input_ids=ptx.input_ids.to(seq.device),
-                                    attention_mask=ptx.attention_mask.to(seq.device), use_cache=False).logits
-            ptx_loss = sft_loss(ptx_logits, ptx.labels.to(seq.device))
-            loss = loss + p.ptx_coeff * ptx_loss
-            metrics["ptx_loss"] = ptx_loss.detach()
-        check_finite("actor loss", loss.detach(), step)
-        self.actor.backward(loss)
+        metrics = {k: torch.zeros((), device=exp.mask.device) for k in ("actor_loss", "actor_clip_fraction",
+                                                                         "approx_kl")}
+        ptx_passes = self._ptx_passes(step, update) if self.ptx is not None and p.ptx_coeff > 0 else []
+        last = len(passes) + len(ptx_passes) - 1
+        for k, ((index, _), (w_seq, w_tok)) in enumerate(zip(passes, weights)):
+            rows = Rows.take(exp.sequences, exp.attention_mask, exp.prompt_len, index)
+            logp, _ = response_logprobs(self.actor, rows.sequences, rows.attention_mask, rows.prompt_len,
+                                        cfg.rollout.temperature, packed=self.packed["actor"])
+            pl = policy_loss(logp, rows.response(exp.logp_old), rows.response(exp.adv), rows.response(exp.mask),
+                             p.clip_ratio)
+            # The loss is a mean over the mini-batch's sequences: each pass's own mean weighs by its share.
+            loss = pl.loss * w_seq
+            metrics["actor_loss"] += loss.detach()
+            metrics["actor_clip_fraction"] += pl.clip_fraction * w_tok
+            metrics["approx_kl"] += pl.approx_kl * w_tok
+            check_finite("actor loss", loss.detach(), step)  # host sync: one per pass
+            self._backward(self.actor, loss, boundary=k == last)
+        if ptx_passes:
+            metrics["ptx_loss"] = torch.zeros((), device=exp.mask.device)
+            total = sum(float(count) for *_, count in ptx_passes)
+            for j, (input_ids, attention_mask, labels, real, _) in enumerate(ptx_passes):
+                ce_sum, _ = sft_pass(self.actor, input_ids, attention_mask, labels, packed=self.packed["actor"])
+                ptx_loss = ce_sum / max(total, 1.0) * float(real)  # token mean over the whole PTX batch
+                metrics["ptx_loss"] += ptx_loss.detach()
+                loss = p.ptx_coeff * ptx_loss
+                check_finite("actor loss", loss.detach(), step)
+                self._backward(self.actor, loss, boundary=len(passes) + j == last)
         self.actor.step()
         return metrics
 
-    def _critic_steps(self, exp: Experience, idx: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-        """One clipped-value-loss step of each critic on mini-batch ``idx``."""
+    def _ptx_passes(self, step: int, update: int) -> list[tuple]:
+        """The PTX batch of this update cut by ``optim.micro_batch_tokens``: (ids, mask, labels, real, tokens)."""
+        device = self.run.device
+        batch = self.ptx.collate([self.ptx[i] for i in self.ptx_indices(step, update)])
+        ids, attn, labels = (x.to(device) for x in (batch.input_ids, batch.attention_mask, batch.labels))
+        budget = self.cfg.optim.micro_batch_tokens
+        parts: list[list[int]] = [list(range(ids.shape[0]))]
+        if budget > 0:
+            items = [(n,) for n in attn.sum(-1).tolist()]
+            parts = split_by_tokens(items, budget, packed=self.packed["actor"])
+            count = int(distributed.all_reduce_max(torch.tensor([len(parts)]))[0])
+            if count > len(parts):
+                parts = split_by_tokens(items, budget, packed=self.packed["actor"], min_parts=count)
+        out = []
+        for part in parts:
+            real = bool(part)
+            index = torch.tensor(part or [0], device=device)
+            sub = trim_right(ids[index], attn[index], labels[index])
+            out.append((*sub, real, float((sub[2][:, 1:] != -100).sum()) if real else 0.0))
+        return out
+
+    def _critic_steps(self, exp: Experience, passes, weights, step: int) -> dict[str, torch.Tensor]:
+        """One clipped-value-loss step of each critic on a mini-batch."""
         p = self.cfg.ppo
-        seq, attn, mask = exp.sequences[idx], exp.attention_mask[idx], exp.mask[idx]
         metrics = {}
         for name, critic, values_old, returns in (
             ("reward_critic", self.critic_r, exp.values_r, exp.ret_r),
@@ -420,14 +544,33 @@ class PPOLagTrainer:
         ):
             if critic is None:
                 continue
-            values = response_values(critic, seq, attn, exp.prompt_len)
-            vl = value_loss(values, values_old[idx], returns[idx], mask, p.clip_value)
-            check_finite(f"{name} loss", vl.loss.detach(), step)
-            critic.backward(vl.loss)
+            loss_sum = torch.zeros((), device=exp.mask.device)
+            clip = torch.zeros((), device=exp.mask.device)
+            for k, ((index, _), (w_seq, w_tok)) in enumerate(zip(passes, weights)):
+                rows = Rows.take(exp.sequences, exp.attention_mask, exp.prompt_len, index)
+                values = response_values(critic, rows.sequences, rows.attention_mask, rows.prompt_len,
+                                         packed=self.packed[name])
+                vl = value_loss(values, rows.response(values_old), rows.response(returns), rows.response(exp.mask),
+                                p.clip_value)
+                loss = vl.loss * w_seq
+                check_finite(f"{name} loss", loss.detach(), step)
+                self._backward(critic, loss, boundary=k == len(passes) - 1)
+                loss_sum += loss.detach()
+                clip += vl.clip_fraction * w_tok
             critic.step()
-            metrics[f"{name}_loss"] = vl.loss.detach()
-            metrics[f"{name}_clip_fraction"] = vl.clip_fraction
+            metrics[f"{name}_loss"] = loss_sum
+            metrics[f"{name}_clip_fraction"] = clip
         return metrics
+
+    @staticmethod
+    def _backward(engine, loss: torch.Tensor, *, boundary: bool) -> None:
+        """Accumulate the gradient of one pass; the mini-batch's last pass is the accumulation boundary.
+
+        The loss is already normalised over the whole mini-batch (``_pass_weights``), so DeepSpeed must not
+        divide it again; ``engine.step()`` follows once, after the boundary pass.
+        """
+        engine.set_gradient_accumulation_boundary(boundary)
+        engine.backward(loss, scale_wrt_gas=False)
 
     # -- checkpoints ------------------------------------------------------------------------------
 
@@ -567,6 +710,25 @@ class PPOLagTrainer:
 
     def save_final(self) -> None:
         save_model(self.run, self.actor, self.run.out_dir / "model", self.tokenizer)
+
+
+def _pass_weights(mask: torch.Tensor, index: torch.Tensor, passes) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each pass's share of a mini-batch: (of its sequences with a response token, of its response tokens).
+
+    The actor and critic losses are means over sequences (each a mean over its tokens), the clip
+    fractions and approximate KL means over tokens; weighting every pass's own mean by its share makes
+    the sum over passes the mini-batch's mean however the mini-batch was cut. Zero-weight passes
+    (``real`` False) count nothing.
+    """
+    rows = mask[index]  # (B, T)
+    sequences = (rows.sum(-1) > 0).sum().float().clamp(min=1.0)
+    tokens = rows.sum().clamp(min=1.0)
+    weights = []
+    for part, real in passes:
+        sub = mask[part]
+        share = float(real)
+        weights.append(((sub.sum(-1) > 0).sum().float() / sequences * share, sub.sum() / tokens * share))
+    return weights
 
 
 def train_ppo(cfg: Config) -> dict[str, float]:

@@ -13,6 +13,7 @@ from saferlhf import distributed
 from saferlhf.algorithms import cost_model_loss, reward_model_loss
 from saferlhf.config import Config
 from saferlhf.data.collate import PairDataset
+from saferlhf.models import packing
 from saferlhf.models.hf import load_tokenizer
 from saferlhf.models.score_model import ScoreModel
 from saferlhf.trainers.common import (
@@ -25,7 +26,8 @@ from saferlhf.trainers.common import (
     train_ds_config,
 )
 from saferlhf.trainers.data import load_splits
-from saferlhf.trainers.supervised import plan_steps, train_supervised
+from saferlhf.trainers.passes import end_scores
+from saferlhf.trainers.supervised import Units, plan_steps, train_supervised
 
 TARGETS = {"rm": "reward", "cm": "cost"}
 
@@ -67,9 +69,13 @@ def train_preference(cfg: Config) -> dict[str, float]:
     )
     reg = cfg.score.regularization
 
+    packed = packing.is_enabled(model)
+
+    def batch_scores(engine, batch):
+        return end_scores(engine, batch.input_ids.to(run.device), batch.attention_mask.to(run.device), packed=packed)
+
     def loss_fn(engine, batch):
-        out = engine(input_ids=batch.input_ids.to(run.device), attention_mask=batch.attention_mask.to(run.device))
-        return pair_loss(target, out.end_scores.float(), batch.safe_sign.to(run.device), reg)
+        return pair_loss(target, batch_scores(engine, batch), batch.safe_sign.to(run.device), reg)
 
     @torch.no_grad()
     def eval_fn(engine, step):
@@ -78,9 +84,8 @@ def train_preference(cfg: Config) -> dict[str, float]:
         engine.eval()
         chosen, rejected, sign_c, sign_r = [], [], [], []
         for batch, valid in eval_batches(eval_set, cfg.optim.micro_batch_size, run.dist):
-            out = engine(input_ids=batch.input_ids.to(run.device), attention_mask=batch.attention_mask.to(run.device))
             b = batch.input_ids.shape[0] // 2
-            end = out.end_scores.float().cpu()
+            end = batch_scores(engine, batch).cpu()
             chosen.append(end[:b][:valid])
             rejected.append(end[b:][:valid])
             sign_c.append(batch.safe_sign[:b][:valid])
@@ -100,7 +105,13 @@ def train_preference(cfg: Config) -> dict[str, float]:
     def save_fn(engine, directory):
         save_model(run, engine, directory, tokenizer)
 
-    final = train_supervised(run, engine, train_set, plan, loss_fn, eval_fn, save_fn)
+    def pair_lengths(i):
+        item = train_set[i]
+        return len(item.chosen), len(item.rejected)
+
+    units = Units(count=lambda batch: float(batch.num_pairs), lengths=pair_lengths, side_by_side=False,
+                  packed=packed)
+    final = train_supervised(run, engine, train_set, plan, loss_fn, eval_fn, save_fn, units)
     if run.is_main:
         keys = ["train/loss", "train/accuracy", "eval/accuracy", "train/lr"]
         if target == "cost":

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from saferlhf import distributed
-from saferlhf.algorithms import sft_loss
 from saferlhf.config import Config
 from saferlhf.data.collate import SFTDataset
+from saferlhf.models import packing
 from saferlhf.models.hf import load_causal_lm, load_tokenizer
 from saferlhf.trainers.common import (
     apply_layer_levers,
@@ -18,7 +18,8 @@ from saferlhf.trainers.common import (
     train_ds_config,
 )
 from saferlhf.trainers.data import load_splits
-from saferlhf.trainers.supervised import plan_steps, train_supervised
+from saferlhf.trainers.passes import sft_pass
+from saferlhf.trainers.supervised import Units, plan_steps, train_supervised
 
 
 def train_sft(cfg: Config) -> dict[str, float]:
@@ -40,32 +41,37 @@ def train_sft(cfg: Config) -> dict[str, float]:
         scheduler=cfg.optim.lr_scheduler, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps,
     )
 
+    packed = packing.is_enabled(model)
+
+    def token_loss(engine, batch):
+        return sft_pass(engine, batch.input_ids.to(run.device), batch.attention_mask.to(run.device),
+                        batch.labels.to(run.device), packed=packed)  # (Σ cross-entropy, trained tokens)
+
     def loss_fn(engine, batch):
-        logits = engine(input_ids=batch.input_ids.to(run.device),
-                        attention_mask=batch.attention_mask.to(run.device), use_cache=False).logits
-        return sft_loss(logits, batch.labels.to(run.device)), {}
+        total, count = token_loss(engine, batch)
+        return total / count.clamp(min=1.0), {}
 
     @torch.no_grad()
     def eval_fn(engine, step):
         if len(eval_set) == 0:
             return {}
         engine.eval()
-        total = torch.zeros(2)  # (sum of token losses, token count)
+        total = torch.zeros(2, device=run.device)  # (sum of token losses, token count)
         for batch, valid in eval_batches(eval_set, cfg.optim.micro_batch_size, run.dist):
-            logits = engine(input_ids=batch.input_ids.to(run.device),
-                            attention_mask=batch.attention_mask.to(run.device), use_cache=False).logits[:valid]
-            labels = batch.labels.to(run.device)[:valid]
-            if valid == 0:
-                continue
-            n = (labels[:, 1:] != -100).sum()
-            total += torch.stack([sft_loss(logits, labels).float().cpu() * n.cpu(), n.cpu().float()])
-        total = distributed.all_reduce_mean(total)
+            batch.labels[valid:] = -100  # filler rows (after the valid ones) count nothing
+            total += torch.stack(token_loss(engine, batch))
+        total = distributed.all_reduce_mean(total.cpu())
         return {"eval/loss": (total[0] / total[1].clamp(min=1)).item()}
+
+    def trained_tokens(batch) -> float:
+        return float((batch.labels[:, 1:] != -100).sum())
+
+    units = Units(count=trained_tokens, lengths=lambda i: (len(train_set[i].input_ids),), packed=packed)
 
     def save_fn(engine, directory):
         save_model(run, engine, directory, tokenizer)
 
-    final = train_supervised(run, engine, train_set, plan, loss_fn, eval_fn, save_fn)
+    final = train_supervised(run, engine, train_set, plan, loss_fn, eval_fn, save_fn, units)
     if run.is_main:
         plot_metrics(run.out_dir / "metrics.jsonl", ["train/loss", "train/lr", "eval/loss"],
                      run.plot_dir / "sft.png", title="SFT")

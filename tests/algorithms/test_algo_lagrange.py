@@ -252,9 +252,11 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, results) -> 
     try:
         # Rank 0 saw three episodes, rank 1 one: the pooled J_C is (1 + 2 + 3 + 10)/4 = 4, not the
         # mean of the rank means (2 + 10)/2 = 6.
-        multiplier = LagrangeMultiplier(lr=0.1)
+        from saferlhf.distributed import all_reduce_sum
+
+        multiplier = LagrangeMultiplier(lr=0.1, pool=all_reduce_sum)
         value = multiplier.update([1.0, 2.0, 3.0] if rank == 0 else [10.0])
-        multi = MultiLagrange([LagrangeMultiplier(lr=0.1), LagrangeMultiplier(lr=0.1)])
+        multi = MultiLagrange([LagrangeMultiplier(lr=0.1), LagrangeMultiplier(lr=0.1)], pool=all_reduce_sum)
         values = multi.update([[1.0, 2.0, 3.0], [0.0]] if rank == 0 else [[10.0], [4.0, 4.0]])
         results[rank] = (multiplier.last_cost, value, multi.last_cost, values)
     finally:
