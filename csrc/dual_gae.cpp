@@ -99,8 +99,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_gae(
   float* a = adv.mutable_data_ptr<float>();
   const int64_t plane = batch * length;  // elements of one (B, T) stream
 
-  // A row is T·(K+1) sequential steps: chunks of >= 4096 steps amortise starting a thread.
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, length * (streams + 1)));
+  // A row is T·(K+1) sequential steps of a few nanoseconds each. A parallel region pays off only when
+  // every thread gets far more work than one scheduler time slice of waiting costs: on a loaded
+  // machine a descheduled thread holds the whole region at its barrier (B = 64, T = 1024 took 20-30 ms
+  // with two threads under load and 0.3 ms serially). Chunks of >= 2^20 steps (~1 ms) keep small
+  // batches serial and large ones parallel.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, length * (streams + 1)));
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> penalty(length);  // Σ_k λ_k·A_c,k of one row
     for (int64_t b = begin; b < end; ++b) {

@@ -8,9 +8,19 @@ Two configurations run one after the other on the same models, prompts, seed and
   reference ops (``SAFERLHF_OPS=reference``: log-probs from float32-upcast logits through
   ``log_softmax`` + ``gather``, the per-token Python GAE loop) with transformers' own decoder layers,
   uncompiled (``model.compile_layers=false``);
+  and padded passes (``model.packing=false``);
 - ``saferlhf`` — generation on a vLLM engine with full weights, synced from the actor once per update
   (``rollout.backend=vllm``), the default fused ops (Triton on GPU, native C++ on CPU) and layers
-  (fused RMSNorm and SwiGLU; compiled decoder layers on CUDA at ZeRO 0-2, ``model.compile_layers=auto``).
+  (fused RMSNorm and SwiGLU; compiled decoder layers on CUDA at ZeRO 0-2, ``model.compile_layers=auto``)
+  and packed, padding-free passes (``model.packing=true``);
+- ``padded`` — ``saferlhf`` with padded passes (``model.packing=false``): against ``saferlhf`` it
+  measures packing alone, ``packing_speedup`` (training side, padded over packed, same run).
+
+The untrained models answer up to ``--new-tokens`` every time; ``--lengths`` (default
+``uniform:16:<new-tokens>``) cuts each sampled answer to a length drawn from a distribution
+(``rollout.synthetic_lengths``, the same draws in every configuration), so the training side sees
+answers of mixed lengths as in real RL; ``--lengths fixed:N`` gives the old fixed-length workload.
+The *training side* is score + experience + actor + critics (everything but generation and sync).
 
 Each configuration is a ``saferlhf ppo-lag`` run of ``--steps`` steps; the first step is a warm-up
 (engine start, compilation, caches) and is left out. Per phase the trainer logs the seconds of each
@@ -44,10 +54,12 @@ import sys
 from pathlib import Path
 
 PHASES = ("generate", "score", "experience", "actor", "critics", "sync")
+TRAINING = ("score", "experience", "actor", "critics")
 CONFIGS = {
-    "baseline": {"overrides": ["rollout.backend=hf", "model.compile_layers=false"],
+    "baseline": {"overrides": ["rollout.backend=hf", "model.compile_layers=false", "model.packing=false"],
                  "env": {"SAFERLHF_OPS": "reference"}},
-    "saferlhf": {"overrides": ["rollout.backend=vllm"], "env": {}},
+    "saferlhf": {"overrides": ["rollout.backend=vllm", "model.packing=true"], "env": {}},
+    "padded": {"overrides": ["rollout.backend=vllm", "model.packing=false"], "env": {}},
 }
 MODELS = ("tiny", "20m", "smollm2")
 
@@ -101,6 +113,7 @@ def run_config(name: str, args, models: dict[str, Path], out: Path, round_: int 
         "run.tensorboard=false", f"deepspeed.zero_stage={args.zero_stage}", f"rollout.max_new_tokens={args.new_tokens}",
         f"ppo.rollout_batch_size={args.rollout}", f"ppo.mini_batch_size={args.mini_batch}",
         f"model.max_length={args.max_length}", f"run.seed={args.seed}", f"model.dtype={args.dtype}",
+        f"rollout.synthetic_lengths={args.lengths}",
         *CONFIGS[name]["overrides"], *(["run.profile=true"] if args.profile else []),
         *(["run.memory_snapshot=true"] if args.memory else []), *args.overrides,
     ]
@@ -135,6 +148,7 @@ def summarize(run_dirs: Path | list[Path], rollout_per_step: int) -> dict[str, f
     for phase in PHASES:
         out[phase] = statistics.median(r.get(f"time/{phase}", 0.0) for r in timed)
     out["step"] = sum(out[p] for p in PHASES)
+    out["train"] = sum(out[p] for p in TRAINING)
     out["tokens_per_second"] = statistics.median(r["rollout/tokens_per_second"] for r in timed)
     out["sequences_per_second"] = rollout_per_step / out["step"]
     for key in sorted({k for r in timed for k in r if k.startswith("memory/")}):
@@ -145,7 +159,7 @@ def summarize(run_dirs: Path | list[Path], rollout_per_step: int) -> dict[str, f
 def format_table(results: dict[str, dict[str, float]]) -> str:
     base, ours = results["baseline"], results["saferlhf"]
     lines = [f"{'phase':22} {'baseline s':>11} {'saferlhf s':>11} {'speedup':>8}", "-" * 55]
-    for phase in (*PHASES, "step"):
+    for phase in (*PHASES, "train", "step"):
         b, o = base[phase], ours[phase]
         ratio = f"{b / o:7.2f}x" if o > 0 and b > 0 else "      -"
         lines.append(f"{phase:22} {b:11.3f} {o:11.3f} {ratio}")
@@ -171,10 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollout", type=int, default=8, help="prompts per rank per step (8)")
     parser.add_argument("--mini-batch", type=int, default=8, help="sequences per rank per update (8)")
     parser.add_argument("--new-tokens", type=int, default=64, help="response length cap (64)")
+    parser.add_argument("--lengths", default="",
+                        help="response lengths: uniform:LOW:HIGH or fixed:N (default uniform:16:<new-tokens>)")
     parser.add_argument("--max-length", type=int, default=128, help="model.max_length (128)")
     parser.add_argument("--dtype", default="float32", help="model.dtype (float32; bfloat16 on GPU)")
     parser.add_argument("--config", default="tiny-cpu", help="preset whose ppo_lag stage is the base (tiny-cpu)")
-    parser.add_argument("--configs", default="baseline,saferlhf", help="which configurations to run")
+    parser.add_argument("--configs", default="baseline,saferlhf,padded", help="which configurations to run")
     parser.add_argument("--rounds", type=int, default=2,
                         help="alternating rounds of all configurations; figures are medians over every round's "
                              "timed steps (2)")
@@ -191,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag} must be at least 1, got {value}")
     if args.steps < 2:
         parser.error(f"--steps must be at least 2 (the first step is a warm-up), got {args.steps}")
+    args.lengths = args.lengths or f"uniform:{min(16, args.new_tokens)}:{args.new_tokens}"
+    from saferlhf.rollout.base import parse_lengths
+
+    try:
+        _, _, high = parse_lengths(args.lengths)
+    except ValueError as e:
+        parser.error(f"--lengths: {e}")
+    if high > args.new_tokens:
+        parser.error(f"--lengths {args.lengths}: longer than --new-tokens {args.new_tokens}")
     configs = args.configs.split(",")
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
@@ -205,13 +230,18 @@ def main(argv: list[str] | None = None) -> int:
             run_dirs[name].append(run_config(name, args, models, out, round_))
     results = {name: summarize(dirs, args.rollout * args.nproc) for name, dirs in run_dirs.items()}
     report = {"model": args.model, "world_size": args.nproc, "zero_stage": args.zero_stage,
-              "rollout": args.rollout * args.nproc, "new_tokens": args.new_tokens, "rounds": args.rounds, **results}
+              "rollout": args.rollout * args.nproc, "new_tokens": args.new_tokens, "lengths": args.lengths,
+              "rounds": args.rounds, **results}
     if {"baseline", "saferlhf"} <= set(results):
         print(format_table(results))
         report["speedup"] = results["baseline"]["step"] / results["saferlhf"]["step"]
         report["ratio"] = {p: results["baseline"][p] / results["saferlhf"][p]
                            for p in (*PHASES, "step") if results["saferlhf"][p] > 0 and results["baseline"][p] > 0}
         print(f"\noverall speedup (baseline step time / saferlhf step time): {report['speedup']:.2f}x")
+    if {"padded", "saferlhf"} <= set(results):
+        report["packing_speedup"] = results["padded"]["train"] / results["saferlhf"]["train"]
+        print(f"packing speedup (training side, padded / packed): {report['packing_speedup']:.2f}x "
+              f"({results['padded']['train']:.3f} s / {results['saferlhf']['train']:.3f} s)")
     if args.profile:
         for name in configs:
             for run_dir in run_dirs[name]:

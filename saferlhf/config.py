@@ -49,6 +49,8 @@ class RunConfig:
     progress: bool = _f(True, "show tqdm progress bars")
     profile: bool = _f(False, "PPO: torch.profiler trace of rank 0 from step 2 on -> out_dir/profile/")
     memory_snapshot: bool = _f(False, "PPO on CUDA: record the allocator history -> out_dir/profile/")
+    threads: int = _f(0, "CPU threads per rank for torch and the native ops (0: the cores this process may use "
+                         "divided by the ranks on this machine); never more than that")
 
 
 @dataclass
@@ -173,6 +175,9 @@ class RolloutConfig:
     sync_bucket_mb: int = _f(256, "vllm: weight sync bucket size, MiB (whole decoder layers per bucket)")
     sync_method: str = _f("auto", "vllm: weight push path, reload (CPU), load_weights (GPU) or auto")
     enable_sleep: bool = _f(False, "vllm on GPU: sleep the engine during training phases (colocation)")
+    synthetic_lengths: str = _f("", "benchmarks only: cut every sampled response to a length drawn from "
+                                    "uniform:LOW:HIGH or fixed:N (the untrained models of `saferlhf bench step` "
+                                    "never end their answers); empty: off")
 
 
 @dataclass
@@ -347,6 +352,15 @@ def build_config(
     if cfg.model.compile_layers is True and cfg.deepspeed.zero_stage == 3:
         raise ConfigError("model.compile_layers=true does not work with deepspeed.zero_stage=3 (its parameter "
                           "gathering runs in hooks inside the compiled layers): use auto (which skips it) or false")
+    if cfg.rollout.synthetic_lengths:
+        from saferlhf.rollout.base import parse_lengths
+
+        try:
+            parse_lengths(cfg.rollout.synthetic_lengths)
+        except ValueError as e:
+            raise ConfigError(f"config key 'rollout.synthetic_lengths': {e}") from None
+    if cfg.run.threads < 0:
+        raise ConfigError(f"config key 'run.threads': must be >= 0 (0: automatic), got {cfg.run.threads}")
     for key, value in (("ppo.micro_batch_tokens", cfg.ppo.micro_batch_tokens),
                        ("optim.micro_batch_tokens", cfg.optim.micro_batch_tokens)):
         if value < 0:

@@ -117,6 +117,27 @@ def init_distributed(backend: str = "") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def cpu_threads(requested: int = 0) -> int:
+    """Threads one rank should use on the CPU: ``requested`` (0: automatic), never more than its share.
+
+    The share is the cores this process may run on (its affinity, which cgroups and launchers narrow)
+    divided by the ranks on this machine (``LOCAL_WORLD_SIZE``), at least 1. More threads than cores
+    make every parallel region wait for a descheduled thread at its barrier; a loaded machine then
+    collapses instead of slowing down.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return min(requested, share) if requested > 0 else share
+
+
+def set_cpu_threads(requested: int = 0) -> int:
+    """Apply :func:`cpu_threads` to torch (and with it the native ops' OpenMP regions); returns the count."""
+    threads = cpu_threads(requested)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -51,7 +51,8 @@ def cli_env(nproc: int = 1) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], *, nproc: int = 1, timeout: int = 600, cwd: Path | None = None):
+def run_cli(args: list[str], *, nproc: int = 1, timeout: int = 600, cwd: Path | None = None,
+            env: dict[str, str] | None = None):
     """Run ``saferlhf ARGS`` in a fresh process (under torchrun when nproc > 1).
 
     On timeout the launcher gets SIGTERM first: torchrun forwards it to its workers (they run in
@@ -64,8 +65,8 @@ def run_cli(args: list[str], *, nproc: int = 1, timeout: int = 600, cwd: Path | 
                f"--master_port={free_port()}", "-m", "saferlhf", *args]
     else:
         cmd = [sys.executable, "-m", "saferlhf", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(nproc),
-                            cwd=cwd or REPO)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**cli_env(nproc), **(env or {})}, cwd=cwd or REPO)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -42,7 +42,9 @@ def test_summary_leaves_out_the_warm_up_step_and_sums_the_phases(tmp_path):
 
 def test_bad_flags_are_usage_errors(capsys):
     for argv, message in ((["--steps", "1"], "--steps"), (["--configs", "fast"], "--configs"),
-                          (["--nproc", "0"], "--nproc"), (["--rounds", "0"], "--rounds")):
+                          (["--nproc", "0"], "--nproc"), (["--rounds", "0"], "--rounds"),
+                          (["--lengths", "normal:3"], "--lengths"),
+                          (["--lengths", "uniform:16:512", "--new-tokens", "64"], "longer than --new-tokens")):
         with pytest.raises(SystemExit) as e:
             bench.main(argv)
         assert e.value.code == 2
@@ -54,10 +56,21 @@ def test_bad_flags_are_usage_errors(capsys):
 def test_bench_step_runs_both_configurations_and_profiles_them(tmp_path):
     out = tmp_path / "bench"
     result = run_cli(["bench", "step", "--model", "tiny", "--nproc", "1", "--zero-stage", "0", "--steps", "3",
-                      "--rollout", "4", "--mini-batch", "4", "--new-tokens", "8", "--max-length", "64",
-                      "--rounds", "1", "--out", str(out), "--profile", "--json"], timeout=900)
+                      "--rollout", "4", "--mini-batch", "4", "--new-tokens", "16", "--lengths", "uniform:2:16",
+                      "--max-length", "64", "--rounds", "1", "--out", str(out), "--profile", "--json"], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["lengths"] == "uniform:2:16"
+    assert report["packing_speedup"] == pytest.approx(report["padded"]["train"] / report["saferlhf"]["train"])
+    assert "packing speedup (training side" in result.stdout
+    from saferlhf.trainers.common import read_metrics
+
+    for name in ("baseline", "saferlhf", "padded"):  # the same drawn answer lengths in every configuration
+        lengths = [r["train/response_length"] for r in read_metrics(out / name / "metrics.jsonl")
+                   if "train/response_length" in r]
+        assert lengths == [r["train/response_length"] for r in read_metrics(out / "saferlhf" / "metrics.jsonl")
+                           if "train/response_length" in r]
+        assert all(2 <= x <= 16 for x in lengths) and len(set(lengths)) > 1
     for name in ("baseline", "saferlhf"):
         assert report[name]["steps"] == 2
         for phase in ("generate", "score", "experience", "actor", "critics"):
@@ -72,3 +85,23 @@ def test_bench_step_runs_both_configurations_and_profiles_them(tmp_path):
     assert report["baseline"]["sync"] == 0.0 and report["saferlhf"]["sync"] > 0  # only the engine needs a push
     assert report["speedup"] == pytest.approx(report["baseline"]["step"] / report["saferlhf"]["step"])
     assert "overall speedup" in result.stdout
+
+
+def test_synthetic_lengths_cut_responses_and_bad_specs_are_errors():
+    import torch
+
+    from saferlhf.config import ConfigError, build_config
+    from saferlhf.rollout.base import Generation, cut_to_lengths
+
+    ids = torch.arange(1, 25).reshape(3, 8)
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0  # a row that ended by itself after 5 tokens
+    gen = Generation(torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long), ids, mask)
+    cut = cut_to_lengths(gen, "uniform:2:7", torch.Generator().manual_seed(0), pad_token_id=0)
+    lengths = cut.response_mask.sum(-1)
+    assert ((lengths >= 2) & (lengths <= 7)).all() and lengths[2] <= 5
+    assert torch.equal(cut.response_ids, ids * cut.response_mask)
+    assert cut_to_lengths(gen, "fixed:3", torch.Generator(), 0).response_mask.sum(-1).tolist() == [3, 3, 3]
+    for spec in ("uniform:9:2", "gamma:2", "fixed:0"):
+        with pytest.raises(ConfigError, match="rollout.synthetic_lengths"):
+            build_config("ppo_lag", None, [f"rollout.synthetic_lengths={spec}"])

@@ -71,3 +71,33 @@ def response_mask_from_ids(
     if pad_token_id not in eos_ids.tolist():
         mask &= response_ids != pad_token_id
     return mask.long()
+
+
+def parse_lengths(spec: str) -> tuple[str, int, int]:
+    """``uniform:LOW:HIGH`` or ``fixed:N`` → (kind, low, high); a clear error naming the setting otherwise."""
+    parts = spec.split(":")
+    try:
+        if parts[0] == "uniform" and len(parts) == 3:
+            low, high = int(parts[1]), int(parts[2])
+        elif parts[0] == "fixed" and len(parts) == 2:
+            low = high = int(parts[1])
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"rollout.synthetic_lengths must be uniform:LOW:HIGH or fixed:N, got {spec!r}") from None
+    if not 1 <= low <= high:
+        raise ValueError(f"rollout.synthetic_lengths {spec!r}: need 1 <= LOW <= HIGH")
+    return parts[0], low, high
+
+
+def cut_to_lengths(gen: Generation, spec: str, generator: torch.Generator, pad_token_id: int) -> Generation:
+    """Responses cut to lengths drawn from ``spec`` (a benchmark's synthetic workload, see
+    ``rollout.synthetic_lengths``): rows keep min(drawn, own) tokens, the rest becomes padding."""
+    _, low, high = parse_lengths(spec)
+    n, width = gen.response_ids.shape
+    drawn = torch.randint(low, high + 1, (n,), generator=generator)  # (N,)
+    keep = torch.arange(width) < drawn.unsqueeze(1)  # (N, T)
+    mask = gen.response_mask * keep.to(gen.response_mask.dtype)
+    ids = gen.response_ids.masked_fill(mask == 0, pad_token_id)
+    logprobs = None if gen.logprobs is None else gen.logprobs.masked_fill(mask == 0, 0.0)
+    return Generation(gen.prompt_ids, gen.prompt_mask, ids, mask, logprobs)

@@ -172,6 +172,8 @@ class Run:
 def setup_run(cfg: Config) -> Run:
     info = distributed.init_distributed(cfg.deepspeed.backend)
     configure_logging(info.rank)
+    if info.device.type == "cpu":
+        distributed.set_cpu_threads(cfg.run.threads)
     seed_everything(cfg.run.seed, cfg.run.deterministic)
     out_dir = cfg.out_dir
     if info.is_main:
@@ -184,7 +186,8 @@ def setup_run(cfg: Config) -> Run:
     distributed.barrier()
     metrics = MetricsLogger(out_dir, info.is_main, cfg.run.tensorboard, cfg.run.wandb,
                             config=None if not cfg.run.wandb else _asdict(cfg))
-    logger.info("run %s: stage %s, world size %d, device %s", out_dir, cfg.stage, info.world_size, info.device)
+    logger.info("run %s: stage %s, world size %d, device %s%s", out_dir, cfg.stage, info.world_size, info.device,
+                f", {torch.get_num_threads()} threads" if info.device.type == "cpu" else "")
     return Run(cfg, info, out_dir, metrics)
 
 

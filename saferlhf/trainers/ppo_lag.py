@@ -41,7 +41,7 @@ from saferlhf.models import packing
 from saferlhf.models.hf import load_causal_lm, load_tokenizer
 from saferlhf.models.score_model import ScoreModel
 from saferlhf.rollout import make_generator
-from saferlhf.rollout.base import Generation, SamplingParams
+from saferlhf.rollout.base import Generation, SamplingParams, cut_to_lengths
 from saferlhf.rollout.sync import WeightSyncError, bucketize, weight_groups
 from saferlhf.trainers.batching import split_by_tokens
 from saferlhf.trainers.common import (
@@ -298,6 +298,9 @@ class PPOLagTrainer:
             with phases("generate"):
                 batch = self.prompts.collate([self.prompts[i] for i in self.prompt_indices(step)])
                 gen = self.generator.generate(batch.input_ids, batch.attention_mask, self.sampling)
+                if cfg.rollout.synthetic_lengths:  # a benchmark's workload: seeded per step, not by the RNG state
+                    lengths_rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + step * 31 + run.dist.rank)
+                    gen = cut_to_lengths(gen, cfg.rollout.synthetic_lengths, lengths_rng, self.tokenizer.pad_token_id)
                 self.generator.sleep()
                 if self.engine_backed:
                     # Each rank's engine finishes on its own; without this the first to finish would wait
