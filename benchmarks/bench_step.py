@@ -48,7 +48,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -302,7 +302,7 @@ def one_step(models: Models, batch: dict, shape: StepShape, clock: Clock, device
 
 
 def measure(model: str = "tiny", device: str | None = None, steps: int = 2, fused: str | None = None,
-            rounds: int = 2, ablation: bool = False, compile: str = "auto") -> dict:
+            rounds: int = 2, ablation: bool = False, compile: str = "auto", shape: StepShape | None = None) -> dict:
     """Both configurations on one set of models, in ``rounds`` alternating rounds.
 
     Each round runs, per configuration: weights and optimizers reset, one warm-up step (Triton
@@ -312,11 +312,11 @@ def measure(model: str = "tiny", device: str | None = None, steps: int = 2, fuse
     configuration (SAFERLHF_OPS); None: the dispatcher's default. ``compile``: whether the saferlhf
     configuration compiles its decoder layers, as ``model.compile_layers`` (auto: on CUDA).
     ``ablation`` adds the configurations of ``ABLATIONS`` (``+fused-layers`` only when saferlhf
-    compiles: otherwise it is saferlhf).
+    compiles: otherwise it is saferlhf). ``shape`` replaces the model's step shape (``SHAPES``).
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    shape = SHAPES[model]
+    shape = shape or SHAPES[model]
     clock = Clock(dev)
     begin = time.perf_counter()
     models = Models(model, dev, dtype)
@@ -417,8 +417,14 @@ def main() -> None:
     parser.add_argument("--compile", choices=("auto", "true", "false"), default="auto",
                         help="compile the saferlhf configuration's decoder layers (auto: on CUDA)")
     parser.add_argument("--ablation", action="store_true", help="also measure each lever alone (see ABLATIONS)")
+    for name in ("rollout", "prompt-len", "response-len", "mini-batch"):
+        parser.add_argument(f"--{name}", type=int, default=None, help=f"override the model's step shape: {name}")
     args = parser.parse_args()
-    result = measure(args.model, args.device, args.steps, args.fused, args.rounds, args.ablation, args.compile)
+    shape = SHAPES[args.model]
+    overrides = {k: getattr(args, k) for k in ("rollout", "prompt_len", "response_len", "mini_batch")
+                 if getattr(args, k) is not None}
+    result = measure(args.model, args.device, args.steps, args.fused, args.rounds, args.ablation, args.compile,
+                     replace(shape, **overrides))
     print(format_table(result))
     print(json.dumps(result))
 

@@ -113,7 +113,7 @@ def run_config(name: str, args, models: dict[str, Path], out: Path, round_: int 
         "run.tensorboard=false", f"deepspeed.zero_stage={args.zero_stage}", f"rollout.max_new_tokens={args.new_tokens}",
         f"ppo.rollout_batch_size={args.rollout}", f"ppo.mini_batch_size={args.mini_batch}",
         f"model.max_length={args.max_length}", f"run.seed={args.seed}", f"model.dtype={args.dtype}",
-        f"rollout.synthetic_lengths={args.lengths}",
+        f"rollout.synthetic_lengths={args.lengths}", "run.threads=0",  # this machine's cores per rank
         *CONFIGS[name]["overrides"], *(["run.profile=true"] if args.profile else []),
         *(["run.memory_snapshot=true"] if args.memory else []), *args.overrides,
     ]

@@ -207,6 +207,11 @@ def ds_config(
         raise ValueError("deepspeed.offload=all (parameter offload) needs deepspeed.zero_stage=3")
     if bf16 and fp16:
         raise ValueError("deepspeed.bf16 and deepspeed.fp16 are exclusive")
+    if not train and zero_stage in (1, 2):
+        # ZeRO-1/2 partition optimizer states and gradients, which a frozen model (reference, reward and
+        # cost models) does not have; DeepSpeed refuses them without an optimizer. ZeRO-3 partitions the
+        # parameters themselves and stays.
+        zero_stage = 0
     zero: dict[str, Any] = {"stage": zero_stage}
     if zero_stage == 3:
         zero.update(stage3_param_persistence_threshold=1e4, stage3_prefetch_bucket_size=5e7)

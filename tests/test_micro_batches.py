@@ -79,6 +79,20 @@ def test_a_ppo_lag_step_cut_into_passes_or_packed_logs_the_uncut_padded_step(toy
         _assert_same(base, stats, name)
 
 
+@pytest.mark.parametrize("zero", [2, 3])
+def test_under_zero_2_and_3_a_cut_packed_step_logs_the_uncut_padded_step(toy_models, tmp_path, zero):
+    """ZeRO-2 reduces and ZeRO-3 gathers at every pass: the accumulation boundary must still be the last one
+    (and the frozen models, which have no optimizer, run without ZeRO-1/2)."""
+    stage = f"deepspeed.zero_stage={zero}"
+    base, gen = _one_step(_ppo_cfg(toy_models, tmp_path / "base", stage, "model.packing=false"))
+    budget = 2 * int(gen.attention_mask.sum(-1).max()) - 6
+    passes: list[list[int]] = []
+    stats, _ = _one_step(_ppo_cfg(toy_models, tmp_path / "cut", stage, "model.packing=true",
+                                  f"ppo.micro_batch_tokens={budget}", "optim.micro_batch_tokens=64"), gen, passes)
+    assert all(len(p) >= 4 for p in passes), passes
+    _assert_same(base, stats, f"zero {zero}")
+
+
 def _supervised(stage, toy_models, out, *extra):
     from saferlhf.trainers.preference import train_preference
     from saferlhf.trainers.sft import train_sft

@@ -135,7 +135,11 @@ def train_supervised(
     engine.train()
     final: dict[str, float] = {}
     t0 = time.perf_counter()
+    cuda = run.device.type == "cuda"
     for step in range(1, plan.total_steps + 1):
+        step_start = time.perf_counter()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(run.device)
         micros = next(batches)
         passes = step_passes([i for m in micros for i in m], micros, cfg, units)
         collated = [(train_set.collate([train_set[i] for i in part]), real) for part, real in passes]
@@ -153,11 +157,18 @@ def train_supervised(
         engine.step()
         if step % cfg.run.log_every == 0 or step == plan.total_steps:
             keys = sorted(sums)
-            # One all-reduce for the stacked metric vector of this step.
+            # One all-reduce for the stacked metric vector of this step (host sync: logging steps only).
             reduced = distributed.all_reduce_mean(torch.stack([sums[k] for k in keys]))
             logged = {f"train/{k}": v for k, v in zip(keys, reduced.tolist())}
             logged["train/lr"] = engine.get_lr()[0]
             logged["train/seconds"] = time.perf_counter() - t0
+            if cuda:
+                torch.cuda.synchronize(run.device)  # host sync: the step's time includes its GPU work
+                logged["memory/peak_gb"] = torch.cuda.max_memory_allocated(run.device) / 1e9
+            seconds = time.perf_counter() - step_start
+            tokens = sum(float(batch.attention_mask.sum()) for batch, real in collated if real)
+            logged["time/step"] = seconds
+            logged["train/tokens_per_second"] = tokens * run.dist.world_size / seconds
             run.metrics.log(step, logged)
             bar.set_postfix(loss=f"{logged['train/loss']:.4f}")
             final.update(logged)
