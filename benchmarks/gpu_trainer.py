@@ -36,10 +36,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-# Modules saferlhf needs beyond torch, triton and transformers, and the PyPI package of each.
+# Modules saferlhf needs beyond torch, triton and transformers (the image's), and the PyPI package of each.
 NEEDED = {"deepspeed": "deepspeed==0.19.8", "hjson": "hjson", "pydantic": "pydantic>=2", "yaml": "pyyaml",
           "matplotlib": "matplotlib", "msgpack": "msgpack", "cpuinfo": "py-cpuinfo", "ninja": "ninja",
           "tqdm": "tqdm", "psutil": "psutil", "einops": "einops"}
+# What those need in turn (numpy, packaging and typing-extensions come with torch and transformers).
+DEPENDENCIES = ["pydantic-core", "annotated-types", "typing-inspection", "contourpy", "cycler", "fonttools",
+                "kiwisolver", "pillow", "pyparsing", "python-dateutil", "six"]
+# Wheel (distribution) name → the module it provides, where they differ.
+MODULE_OF = {"pyyaml": "yaml", "py_cpuinfo": "cpuinfo", "python_dateutil": "dateutil", "pillow": "PIL",
+             "fonttools": "fontTools"}
 PPO_PHASES = ("generate", "score", "experience", "actor", "critics")
 TRAINING = ("score", "experience", "actor", "critics")
 
@@ -49,30 +55,38 @@ def missing_modules() -> list[str]:
 
 
 def prepare(wheels: Path, python_version: str) -> None:
-    """Download (PyPI) the wheels of everything in NEEDED for the GPU image's Python; DeepSpeed is built."""
+    """Download (PyPI) the wheels of NEEDED and DEPENDENCIES for the GPU image's Python; DeepSpeed is built."""
     wheels.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(wheels), NEEDED["deepspeed"]],
                    check=True)
-    others = [spec for module, spec in NEEDED.items() if module != "deepspeed"]
-    subprocess.run([sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--python-version", python_version,
-                    "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64", "-d", str(wheels),
-                    *others, "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions"], check=True)
+    others = [spec for module, spec in NEEDED.items() if module != "deepspeed"] + DEPENDENCIES
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
+                    python_version, "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64",
+                    "--platform", "manylinux_2_28_x86_64", "-d", str(wheels), *others], check=True)
     total = sum(f.stat().st_size for f in wheels.iterdir()) / 2**20
     print(f"{len(list(wheels.iterdir()))} wheels, {total:.1f} MiB in {wheels}")
 
 
+def _module(wheel: str) -> str:
+    name = wheel.split("-")[0].lower()
+    return MODULE_OF.get(name, name)
+
+
 def install_missing(wheels: Path | None, site: Path) -> None:
+    """Install the wheels of modules this Python lacks into ``site`` (no index, no dependency resolution)."""
     missing = missing_modules()
     if not missing:
         return
     if wheels is None:
         raise SystemExit(f"missing modules {missing}: run `prepare --wheels DIR` where PyPI is reachable and pass "
                          f"--wheels DIR")
+    chosen = [f for f in sorted(os.listdir(wheels)) if f.endswith(".whl")
+              and importlib.util.find_spec(_module(f)) is None]
     site.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(wheels),
-                    "--target", str(site), "--no-deps", *[f for f in os.listdir(wheels) if f.endswith(".whl")]],
-                   check=True, cwd=wheels)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--target", str(site),
+                    *chosen], check=True, cwd=wheels)
     sys.path.insert(0, str(site))
+    importlib.invalidate_caches()
     still = missing_modules()
     if still:
         raise SystemExit(f"still missing after installing the wheels: {still}")
@@ -110,6 +124,7 @@ def run_stage(stage: str, overrides: list[str], env: dict[str, str], log: Path) 
     code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); from checkout import import_saferlhf; "
             "import_saferlhf(); from saferlhf.cli import main; sys.exit(main(sys.argv[1:]))")
     cmd = [sys.executable, "-c", code, stage, "--config", str(REPO / "configs" / "tiny-cpu.yaml"), *overrides]
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
         result = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
     if result.returncode:
