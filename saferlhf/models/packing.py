@@ -40,6 +40,7 @@ import torch.nn.functional as F
 logger = logging.getLogger(__name__)
 
 VARLEN = "saferlhf_varlen"
+_warned: set[str] = set()
 # Decoder families whose attention is plain causal self-attention through AttentionInterface.
 PACKABLE = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 
@@ -234,8 +235,10 @@ def enable(model) -> bool:
     module = getattr(model, "module", model)
     ok, why = packing_support(module)
     if not ok:
-        logger.warning("model.packing: %s cannot run packed passes (%s); its passes run padded",
-                       type(module).__name__, why)
+        if why not in _warned:  # one line per reason, not one per model of a stage
+            _warned.add(why)
+            logger.warning("model.packing: %s cannot run packed passes (%s); its passes run padded",
+                           type(module).__name__, why)
         return False
     _register()
     target = getattr(module, "backbone", module)  # a ScoreModel's transformer
