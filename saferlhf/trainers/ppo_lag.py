@@ -19,13 +19,9 @@ at the same position P + t − 1 — so both read ``[:, P-1 : L-1]``.
 
 from __future__ import annotations
 
-import os
-import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from saferlhf import distributed, ops
@@ -43,6 +39,7 @@ from saferlhf.models.score_model import ScoreModel
 from saferlhf.rollout import make_generator
 from saferlhf.rollout.base import Generation, SamplingParams, cut_to_lengths
 from saferlhf.rollout.sync import WeightSyncError, bucketize, weight_groups
+from saferlhf.trainers import checkpoint
 from saferlhf.trainers.batching import split_by_tokens
 from saferlhf.trainers.common import (
     Run,
@@ -51,10 +48,8 @@ from saferlhf.trainers.common import (
     logger,
     plot_metrics,
     progress,
-    prune_checkpoints,
     save_model,
     setup_run,
-    truncate_metrics,
 )
 from saferlhf.trainers.data import load_splits
 from saferlhf.trainers.passes import (
@@ -585,46 +580,16 @@ class PPOLagTrainer:
 
     def save_checkpoint(self, step: int) -> Path:
         """Engines (weights, optimizer, scheduler), λ, RNG and step, written atomically."""
-        run = self.run
-        final = run.checkpoint_dir / f"step-{step}"
-        tmp = run.checkpoint_dir / f".tmp-step-{step}"
-        if run.is_main and tmp.exists():
-            shutil.rmtree(tmp)
-        distributed.barrier()
-        for name, engine in self._engines().items():
-            engine.save_checkpoint(str(tmp / name), tag="state")
-        state = {
-            "step": step,
-            "lagrange": self.lagrange.state_dict() if self.lagrange is not None else None,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
-        }
-        torch.save(state, tmp / f"trainer_state_rank{run.dist.rank}.pt")
-        distributed.barrier()
-        if run.is_main:
-            os.replace(tmp, final)  # the checkpoint appears whole or not at all
-            prune_checkpoints(run.checkpoint_dir, self.cfg.run.keep_checkpoints)
-        distributed.barrier()
-        return final
+        lagrange = self.lagrange.state_dict() if self.lagrange is not None else None
+        return checkpoint.save(self.run, step, self._engines(), {"lagrange": lagrange})
 
     def resume(self) -> None:
-        run = self.run
-        steps = sorted(run.checkpoint_dir.glob("step-*"), key=lambda d: int(d.name.split("-")[1]))
-        if not steps:
-            logger.info("resume: no checkpoint in %s, starting from step 1", run.checkpoint_dir)
+        state = checkpoint.resume(self.run, self._engines())
+        if state is None:
             return
-        ckpt = steps[-1]
-        for name, engine in self._engines().items():
-            engine.load_checkpoint(str(ckpt / name), tag="state")
-        state = torch.load(ckpt / f"trainer_state_rank{run.dist.rank}.pt", weights_only=False)
         if self.lagrange is not None:
             self.lagrange.load_state_dict(state["lagrange"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
         self.start_step = state["step"] + 1
-        if run.is_main:  # drop metrics of steps after the checkpoint (they are recomputed)
-            truncate_metrics(run.out_dir / "metrics.jsonl", state["step"])
-        logger.info("resumed from %s at step %d", ckpt, self.start_step)
 
     # -- the generation engine ------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from saferlhf import distributed
+from saferlhf.trainers import checkpoint
 from saferlhf.trainers.batching import longest, split_by_tokens
 from saferlhf.trainers.common import (
     Run,
@@ -32,7 +33,6 @@ from saferlhf.trainers.common import (
     global_batches,
     logger,
     progress,
-    prune_checkpoints,
     steps_per_epoch,
 )
 
@@ -127,16 +127,23 @@ def train_supervised(
         logger.info("%d items per epoch do not fill a last global batch and are not trained on",
                     plan.dropped_per_epoch)
     check_budget(cfg, len(train_set), units)
+    start = 1
+    if cfg.run.resume:
+        state = checkpoint.resume(run, {"engine": engine})
+        start = 1 if state is None else state["step"] + 1
     batches = global_batches(
         len(train_set), micro_batch_size=o.micro_batch_size, gradient_accumulation=o.gradient_accumulation,
         rank=run.dist.rank, world_size=run.dist.world_size, seed=cfg.run.seed, epochs=o.epochs,
     )
+    for _ in range(start - 1):  # the data position: batches are a pure function of (seed, step)
+        next(batches)
     bar = progress(total=plan.total_steps, desc=cfg.stage, enabled=cfg.run.progress and run.is_main)
+    bar.update(start - 1)
     engine.train()
     final: dict[str, float] = {}
     t0 = time.perf_counter()
     cuda = run.device.type == "cuda"
-    for step in range(1, plan.total_steps + 1):
+    for step in range(start, plan.total_steps + 1):
         step_start = time.perf_counter()
         if cuda:
             torch.cuda.reset_peak_memory_stats(run.device)
@@ -176,10 +183,11 @@ def train_supervised(
             run.metrics.log(step, eval_fn(engine, step))
             engine.train()
         if cfg.run.save_every > 0 and step % cfg.run.save_every == 0 and step != plan.total_steps:
-            save_fn(engine, run.checkpoint_dir / f"step-{step}")
-            _write_state(run, run.checkpoint_dir / f"step-{step}", step)
-            if run.is_main:
-                prune_checkpoints(run.checkpoint_dir, cfg.run.keep_checkpoints)
+            def export(directory: Path, step=step) -> None:  # a loadable HF model beside the engine state
+                save_fn(engine, directory / "model")
+                _write_state(run, directory / "model", step)
+
+            checkpoint.save(run, step, {"engine": engine}, {"stage": cfg.stage}, export)
         bar.update(1)
     bar.close()
     evaluation = eval_fn(engine, plan.total_steps)
