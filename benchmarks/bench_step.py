@@ -60,10 +60,10 @@ import_saferlhf()
 
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from saferlhf import algorithms, ops  # noqa: E402
+from saferlhf import ops  # noqa: E402
 from saferlhf.algorithms import policy_loss, value_loss  # noqa: E402
 from saferlhf.models.compiled import compile_layers, resolve_compile_layers, uncompile_layers  # noqa: E402
-from saferlhf.models.fused import use_fused_layers  # noqa: E402
+from saferlhf.models.fused import unuse_fused_layers, use_fused_layers  # noqa: E402
 from saferlhf.models.score_model import ScoreModel  # noqa: E402
 from saferlhf.trainers.passes import mean_entropy, response_logprobs, response_values  # noqa: E402
 
@@ -119,19 +119,15 @@ ABLATIONS = {"fused-ops": Levers(None, False, False), "+response-logits": Levers
 
 @contextlib.contextmanager
 def levers(config: Levers, modules: list[torch.nn.Module]):
-    """The configuration's backend (SAFERLHF_OPS) and levers for the duration.
+    """The configuration's op backend (SAFERLHF_OPS) and layer levers for the duration.
 
-    The models are patched once (``use_fused_layers``); with ``fused_layers`` off their RMSNorm and
-    gate run the reference, which is transformers' own computation. With ``response_logits`` off
-    the LM head runs over every position (and the model's default KV cache is built), as under
-    ``SAFERLHF_OPS=reference``. With ``compile_layers`` the decoder layers of ``modules`` run
-    compiled (one compiled function for all, cached across configurations and rounds).
+    With ``fused_layers`` the models' RMSNorm and gate run through ``saferlhf.ops``
+    (``use_fused_layers``), otherwise transformers' own modules compute. With ``compile_layers`` the
+    decoder layers of ``modules`` run compiled (one compiled function for all, cached across
+    configurations and rounds). ``response_logits`` is an argument of the passes (``one_step``).
     """
-    saved = ops.rms_norm, ops.swiglu, ops.reference_forced
-    if not config.fused_layers:
-        ops.rms_norm, ops.swiglu = algorithms.rms_norm, algorithms.swiglu
-    if not config.response_logits:
-        ops.reference_forced = lambda: True
+    for module in modules:
+        (use_fused_layers if config.fused_layers else unuse_fused_layers)(module)
     if config.compile_layers:
         for module in modules:
             compile_layers(module)
@@ -139,9 +135,9 @@ def levers(config: Levers, modules: list[torch.nn.Module]):
         with ops_backend(config.ops):
             yield
     finally:
-        ops.rms_norm, ops.swiglu, ops.reference_forced = saved
         for module in modules:
             uncompile_layers(module)
+            unuse_fused_layers(module)
 
 
 @contextlib.contextmanager
@@ -209,8 +205,6 @@ class Models:
         self.critic_c = copy.deepcopy(self.cost).requires_grad_(True)
         self.trained = {"actor": self.actor, "critic_r": self.critic_r, "critic_c": self.critic_c}
         self.all = [self.actor, self.ref, self.reward, self.cost, self.critic_r, self.critic_c]
-        for module in self.all:
-            use_fused_layers(module)  # each configuration picks what the patched layers run (see levers)
         self.initial = {name: copy.deepcopy(m.state_dict()) for name, m in self.trained.items()}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.reset()
@@ -252,16 +246,21 @@ def rollout(models: Models, shape: StepShape, device: torch.device, seed: int = 
     return {"sequences": out, "attention_mask": attention_mask, "mask": mask, "prompt_len": p}
 
 
-def one_step(models: Models, batch: dict, shape: StepShape, clock: Clock, device: torch.device) -> dict:
-    """Score, make experience, update actor and critics once; returns seconds per phase, peaks, losses."""
+def one_step(models: Models, batch: dict, shape: StepShape, clock: Clock, device: torch.device,
+             full_head: bool = False) -> dict:
+    """Score, make experience, update actor and critics once; returns seconds per phase, peaks, losses.
+
+    ``full_head``: the log-prob passes run the LM head over every position (the original's), not only the
+    response's (``Levers.response_logits`` off)."""
     out: dict = {}
     seq, attn, mask, plen = batch["sequences"], batch["attention_mask"], batch["mask"], batch["prompt_len"]
     with clock.region(out, "score"), torch.no_grad():
         models.actor.eval()
         with peak_extra(device, out, "peak_actor_logprob_pass"):
-            logp_old, logits = response_logprobs(models.actor, seq, attn, plen, shape.temperature)
+            logp_old, logits = response_logprobs(models.actor, seq, attn, plen, shape.temperature,
+                                                 full_head=full_head)
             del logits
-        logp_ref, logits = response_logprobs(models.ref, seq, attn, plen, shape.temperature)
+        logp_ref, logits = response_logprobs(models.ref, seq, attn, plen, shape.temperature, full_head=full_head)
         out["entropy"] = mean_entropy(logits, mask, shape.temperature).item()
         del logits
         reward = models.reward(seq, attn).end_scores.float()
@@ -282,7 +281,8 @@ def one_step(models: Models, batch: dict, shape: StepShape, clock: Clock, device
         with clock.region(out, "actor"):
             region = peak_extra(device, out, "peak_actor_update") if k == 0 else contextlib.nullcontext()
             with region:
-                logp, _ = response_logprobs(models.actor, seq[rows], attn[rows], plen, shape.temperature)
+                logp, _ = response_logprobs(models.actor, seq[rows], attn[rows], plen, shape.temperature,
+                                            full_head=full_head)
                 loss = policy_loss(logp, logp_old[rows], adv[rows], mask[rows], 0.2).loss
                 loss.backward()
                 models.optimizers["actor"].step()
@@ -355,8 +355,9 @@ def measure(model: str = "tiny", device: str | None = None, steps: int = 2, fuse
             with levers(chosen, models.all):
                 result["configs"].setdefault(config, {"ops": ops.backend_for(batch["mask"]),
                                                       "compile_layers": chosen.compile_layers})
-                warmups.setdefault(config, one_step(models, batch, shape, clock, dev))
-                timed[config] += [one_step(models, batch, shape, clock, dev) for _ in range(steps)]
+                full_head = not chosen.response_logits
+                warmups.setdefault(config, one_step(models, batch, shape, clock, dev, full_head))
+                timed[config] += [one_step(models, batch, shape, clock, dev, full_head) for _ in range(steps)]
     for config in configs:
         summary, runs, first = result["configs"][config], timed[config], warmups[config]
         summary.update({f"{phase}_s": statistics.median(run[phase] for run in runs) for phase in PHASES})

@@ -6,8 +6,9 @@ Two configurations run one after the other on the same models, prompts, seed and
 - ``baseline`` — how the original safe-rlhf code works: generation with HF ``generate`` on the
   training engine (under ZeRO-3 every generated token gathers the partitioned actor), and the
   reference ops (``SAFERLHF_OPS=reference``: log-probs from float32-upcast logits through
-  ``log_softmax`` + ``gather``, the per-token Python GAE loop) with transformers' own decoder layers,
-  uncompiled (``model.compile_layers=false``);
+  ``log_softmax`` + ``gather``, the per-token Python GAE loop) with transformers' own decoder layers
+  (``model.fused_layers=false``), uncompiled (``model.compile_layers=false``), the LM head over every
+  position (``model.response_logits=false``);
   and padded passes (``model.packing=false``);
 - ``saferlhf`` — generation on a vLLM engine with full weights, synced from the actor once per update
   (``rollout.backend=vllm``), the default fused ops (Triton on GPU, native C++ on CPU) and layers
@@ -56,7 +57,8 @@ from pathlib import Path
 PHASES = ("generate", "score", "experience", "actor", "critics", "sync")
 TRAINING = ("score", "experience", "actor", "critics")
 CONFIGS = {
-    "baseline": {"overrides": ["rollout.backend=hf", "model.compile_layers=false", "model.packing=false"],
+    "baseline": {"overrides": ["rollout.backend=hf", "model.compile_layers=false", "model.packing=false",
+                               "model.fused_layers=false", "model.response_logits=false"],
                  "env": {"SAFERLHF_OPS": "reference"}},
     "saferlhf": {"overrides": ["rollout.backend=vllm", "model.packing=true"], "env": {}},
     "padded": {"overrides": ["rollout.backend=vllm", "model.packing=false"], "env": {}},

@@ -64,6 +64,9 @@ class ModelConfig:
     fused_layers: bool = _f(True, "RMSNorm and SwiGLU of Llama-family models through saferlhf.ops (fused kernels)")
     compile_layers: bool | str = _f("auto", "torch.compile the decoder layers: auto (CUDA at ZeRO 0-2), true or false")
     trust_remote_code: bool = _f(False, "allow custom modelling code from the checkpoint")
+    response_logits: bool = _f(True, "log-prob passes run the LM head over the response positions only, without a "
+                                     "KV cache; false: over every position with the model's default cache, as the "
+                                     "original safe-rlhf (the same numbers, more work)")
     packing: bool = _f(True, "padding-free passes: a batch's sequences concatenated into one row, attention per "
                              "sequence (flash-attn varlen / torch varlen on GPU, per-sequence sdpa on CPU); models "
                              "that cannot pack run padded with one warning")

@@ -17,8 +17,9 @@ Two kinds of call always take the reference, whatever the backend:
 
 The ops: ``logprobs``, ``shape_rewards``, ``dual_gae`` (the RL hot path) and ``rms_norm``, ``swiglu``
 (the decoder's elementwise layers, which ``saferlhf.models.fused`` swaps into transformers models).
-``SAFERLHF_OPS=reference`` also stands for the original computation outside the ops: the log-prob
-passes then run the LM head over every position (``reference_forced``, ``trainers/passes.py``).
+``SAFERLHF_OPS`` chooses the implementation of these ops and nothing else: how a model pass runs (the
+LM head over the response only, packed sequences, fused or compiled layers) is a setting of its own
+(``model.*``; the pass functions take it as an argument).
 
 Nothing is chosen at import: importing this module imports neither triton nor builds the C++ ops.
 """
@@ -53,11 +54,6 @@ def _forced() -> str | None:
     if name not in BACKENDS:
         raise ValueError(f"SAFERLHF_OPS must be one of {BACKENDS}, got {name!r}")
     return name
-
-
-def reference_forced() -> bool:
-    """Whether SAFERLHF_OPS=reference asks for the original computation everywhere (see passes.py)."""
-    return _forced() == "reference"
 
 
 def _triton_installed() -> bool:

@@ -25,12 +25,11 @@ def test_mean_entropy_in_chunks_equals_the_masked_mean_of_the_whole(monkeypatch,
     assert passes.mean_entropy(logits, torch.zeros_like(mask), temperature).item() == 0.0
 
 
-def test_response_logprobs_keeps_only_the_response_logits(monkeypatch):
+def test_response_logprobs_keeps_only_the_response_logits():
     # The LM head runs on the last T + 1 positions only; the log-probs and logits are those of the
-    # full pass (what SAFERLHF_OPS=reference computes) sliced to the response.
+    # full pass (model.response_logits=false, the original's) sliced to the response.
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from saferlhf import ops
     from saferlhf.trainers.passes import response_logprobs
 
     torch.manual_seed(0)
@@ -43,8 +42,7 @@ def test_response_logprobs_keeps_only_the_response_logits(monkeypatch):
     model.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
     with torch.no_grad():
         logp, logits = response_logprobs(model, seq, attn, prompt_len=5, temperature=0.8)
-        monkeypatch.setattr(ops, "reference_forced", lambda: True)
-        logp_full, logits_full = response_logprobs(model, seq, attn, prompt_len=5, temperature=0.8)
+        logp_full, logits_full = response_logprobs(model, seq, attn, prompt_len=5, temperature=0.8, full_head=True)
     assert shapes == [(3, 8, 32), (3, 12, 32)]  # T + 1 = 8 positions, then all 12
     assert logits.shape == logits_full.shape == (3, 7, 97)
     torch.testing.assert_close(logits, logits_full, rtol=1e-5, atol=1e-6)

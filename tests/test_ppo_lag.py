@@ -57,11 +57,32 @@ def test_resume_from_a_checkpoint_reproduces_the_following_steps(toy_models, tmp
 
 
 def test_reference_ops_and_the_default_ops_train_the_same(toy_models, tmp_path, monkeypatch):
-    """The toy-world PPO-Lag run with SAFERLHF_OPS=reference matches the default (native) ops, step by step."""
+    """The toy-world PPO-Lag run with SAFERLHF_OPS=reference matches the default (native) ops, step by step.
+
+    Both sides are counted: the default run must actually reach the native operators (without a C++ compiler
+    both sides would be the reference and the comparison would prove nothing), the reference run none."""
+    from collections import Counter
+
+    from saferlhf import csrc, ops
+
+    if csrc.load() is None:
+        pytest.skip("the native ops did not build here: both runs would use the reference")
+    calls: Counter = Counter()
+    original = ops.backend_for
+
+    def counting(tensor):
+        backend = original(tensor)
+        calls[backend] += 1
+        return backend
+
+    monkeypatch.setattr(ops, "backend_for", counting)
     steps = ["run.max_steps=3"]
     fused = train_ppo(_cfg(toy_models, tmp_path / "default", "ppo_lag", *steps))
+    assert calls["native"] > 0 and calls["reference"] == 0, calls
+    calls.clear()
     monkeypatch.setenv("SAFERLHF_OPS", "reference")
     plain = train_ppo(_cfg(toy_models, tmp_path / "reference", "ppo_lag", *steps))
+    assert calls["reference"] > 0 and calls["native"] == 0, calls
     rows = {name: [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "train/reward" in r]
             for name in ("default", "reference")}
     assert [r["step"] for r in rows["reference"]] == [r["step"] for r in rows["default"]] == [1, 2, 3]

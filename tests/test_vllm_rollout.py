@@ -130,7 +130,8 @@ def test_a_bad_push_is_rejected_and_the_engine_keeps_serving_the_actor(trainer, 
 
 def test_an_engine_start_leaves_the_trainers_process_as_it_was(trainer, monkeypatch):
     """vLLM's CPU worker binds memory to a NUMA node, makes torch.set_num_threads a no-op and sets variables
-    meant for its worker processes; in the trainer's process all of that is put back once the engine is up."""
+    meant for its worker processes, and every engine start seeds the global random generators; in the
+    trainer's process all of that is put back once the engine is up."""
     import os
 
     from saferlhf.rollout.vllm_engine import memory_policy
@@ -139,12 +140,19 @@ def test_an_engine_start_leaves_the_trainers_process_as_it_was(trainer, monkeypa
     keys = ("LD_PRELOAD", "LOCAL_WORLD_SIZE", "NUMEXPR_MAX_THREADS", "TORCHINDUCTOR_CPP_DYNAMIC_THREADS")
 
     def state():
-        return (torch.set_num_threads, torch.get_num_threads(), os.sched_getaffinity(0), memory_policy(),
-                {k: os.environ.get(k) for k in keys})
+        import random
 
+        import numpy as np
+
+        return (torch.set_num_threads, torch.get_num_threads(), os.sched_getaffinity(0), memory_policy(),
+                {k: os.environ.get(k) for k in keys}, random.getstate(), str(np.random.get_state()),
+                torch.get_rng_state().tolist())
+
+    torch.manual_seed(12345)  # a random state that an engine start seeding with run.seed would overwrite
+    torch.rand(3)
     before = state()
     trainer.generator.restart()  # a fresh engine in this process
-    assert state() == before
+    assert state() == before  # threads, affinity, memory binding, environment and every random stream
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)

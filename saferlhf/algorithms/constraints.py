@@ -34,7 +34,8 @@ import torch
 CONSTRAINTS = ("mean_cost", "unsafe_rate", "rectified")
 
 
-def constraint_costs(cost: torch.Tensor, constraint: str, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def constraint_costs(cost: torch.Tensor, constraint: str,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-episode costs of a constraint form (module docstring).
 
     Args:

@@ -74,4 +74,15 @@ def use_fused_layers(model: nn.Module) -> dict[str, int]:
     return dict(counts)
 
 
-__all__ = ["MLP_CLASSES", "RMS_NORM_CLASSES", "use_fused_layers"]
+def unuse_fused_layers(model: nn.Module) -> int:
+    """Undo :func:`use_fused_layers`: the modules compute with their class's own ``forward`` again."""
+    restored = 0
+    for module in model.modules():
+        if "forward" in vars(module) and getattr(module.forward, "__func__", None) in (_rms_norm_forward,
+                                                                                        _swiglu_mlp_forward):
+            del module.forward
+            restored += 1
+    return restored
+
+
+__all__ = ["MLP_CLASSES", "RMS_NORM_CLASSES", "unuse_fused_layers", "use_fused_layers"]

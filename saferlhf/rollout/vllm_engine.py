@@ -138,21 +138,43 @@ def _set_memory_policy(policy: tuple[int, tuple[int, ...]]) -> None:
 
 @dataclass
 class _ProcessState:
-    """What vLLM's in-process CPU worker changes about the whole process, captured to be put back."""
+    """What an in-process vLLM engine changes about the whole process, captured to be put back.
+
+    Besides the CPU worker's changes (below), every engine start seeds the global random generators
+    (python, numpy, torch, CUDA) with the engine's seed: a restart in the middle of a run would rewind
+    the trainer's random streams, and every run with the same seed would replay the same stream from
+    each engine start. The generators' states are captured and put back as well.
+    """
 
     set_num_threads: Callable[[int], None]
     threads: int
     affinity: frozenset[int] | None
     memory_policy: tuple[int, tuple[int, ...]] | None
     env: dict[str, str | None]
+    rng: dict
 
     @classmethod
     def capture(cls) -> _ProcessState:
+        import random
+
+        import numpy as np
+
         affinity = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         return cls(torch.set_num_threads, torch.get_num_threads(), affinity, memory_policy(),
-                   {k: os.environ.get(k) for k in _CPU_WORKER_ENV})
+                   {k: os.environ.get(k) for k in _CPU_WORKER_ENV}, rng)
 
     def restore(self) -> None:
+        import random
+
+        import numpy as np
+
+        random.setstate(self.rng["python"])
+        np.random.set_state(self.rng["numpy"])
+        torch.set_rng_state(self.rng["torch"])
+        if self.rng["cuda"] is not None:
+            torch.cuda.set_rng_state_all(self.rng["cuda"])
         torch.set_num_threads = self.set_num_threads  # the worker swaps in a no-op that only warns
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)

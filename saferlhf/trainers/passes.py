@@ -68,7 +68,7 @@ def _response_positions(attention_mask: torch.Tensor, prompt_len: int, packed):
 
 
 def response_logprobs(model, sequences, attention_mask, prompt_len: int, temperature: float, *,
-                      packed: bool = False):
+                      packed: bool = False, full_head: bool = False):
     """Log-probs of the response tokens, (N, T), and the logits they came from.
 
     Only the positions that predict response tokens go through the LM head (``logits_to_keep``): the
@@ -79,8 +79,8 @@ def response_logprobs(model, sequences, attention_mask, prompt_len: int, tempera
 
     Padded: the logits are (N, T, V) (the last T + 1 positions through the head), log-probs on padding
     are whatever the model gives there (callers mask them). Packed: the logits are (K, V), one row per
-    real response token, and the log-probs on padding are 0. Under ``SAFERLHF_OPS=reference`` a
-    padded pass computes the logits of every position and keeps the model's default cache, as the
+    real response token, and the log-probs on padding are 0. ``full_head`` (``model.response_logits=false``)
+    makes a padded pass compute the logits of every position and keep the model's default cache, as the
     original safe-rlhf code does (the same numbers, more work).
     """
     if packed:
@@ -92,7 +92,7 @@ def response_logprobs(model, sequences, attention_mask, prompt_len: int, tempera
         logp[rows, cols] = token_logp
         return logp, logits
     n_keep = sequences.shape[1] - prompt_len + 1
-    keep = {} if ops.reference_forced() else {"logits_to_keep": n_keep, "use_cache": False}
+    keep = {} if full_head else {"logits_to_keep": n_keep, "use_cache": False}
     logits = model(input_ids=sequences, attention_mask=attention_mask,
                    position_ids=position_ids(attention_mask), **keep).logits
     logits = logits[:, -n_keep:-1]  # (N, T, V)

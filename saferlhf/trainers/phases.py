@@ -1,9 +1,9 @@
 """Per-phase wall time, peak memory and (optionally) a torch.profiler trace of the PPO loop.
 
 The trainer wraps each phase of a step in ``with phases("score"):``. For each phase the timer adds up
-the wall time within the step (a phase may be entered several times: the actor and critic updates
-alternate over the mini-batches), waits for the device at both ends so the time is the phase's
-own, and records the phase's peak memory: on CUDA the peak allocated by torch
+its time within the step (a phase may be entered several times: the actor and critic updates
+alternate over the mini-batches) — device events on CUDA, read once per step, so that measuring adds
+no host-device sync when it is not profiling — and records the phase's peak memory: on CUDA the peak allocated by torch
 (``memory/<phase>_peak_gb``), on CPU (Linux) the process's peak resident set, engine and all
 (``memory/<phase>_peak_rss_gb``; the kernel's high-water mark is reset at the start of the phase
 through ``/proc/self/clear_refs``). Each phase is also a
@@ -51,44 +51,64 @@ def rss_peak_bytes() -> int | None:
 
 
 class PhaseTimer:
-    def __init__(self, device: torch.device) -> None:
+    """Seconds and peak memory per phase of a step (module docstring).
+
+    On CUDA a phase is timed with device events recorded at its entry and exit — no host-device sync
+    inside the step, where the mini-batch updates are launch-bound and a sync per phase would drain the
+    queue every time; :meth:`collect` synchronises once, when the step's metrics are read. ``sync=True``
+    (profiling) also waits for the device at both ends of every phase, so that a trace's phase ranges
+    hold exactly their own work. On the CPU the wall clock is the time.
+    """
+
+    def __init__(self, device: torch.device, sync: bool = False) -> None:
         self.device = device
+        self.cuda = device.type == "cuda"
+        self.sync = sync and self.cuda
         self.seconds: dict[str, float] = defaultdict(float)
+        self.events: dict[str, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = defaultdict(list)
         self.peak_bytes: dict[str, int] = {}
         self.peak_rss: dict[str, int] = {}
         self.rss = device.type == "cpu" and reset_rss_peak()
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         import time
 
-        cuda = self.device.type == "cuda"
-        self._sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+        if self.sync:
+            torch.cuda.synchronize(self.device)  # host sync: profiling only
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)  # the allocator's host-side counters: no sync
+            start_event = torch.cuda.Event(enable_timing=True)
+            start_event.record()
         if self.rss:
             reset_rss_peak()
         start = time.perf_counter()
         with torch.profiler.record_function(f"phase/{name}"):
             yield
-        self._sync()
-        self.seconds[name] += time.perf_counter() - start
-        if cuda:
+        if self.cuda:
+            end_event = torch.cuda.Event(enable_timing=True)
+            end_event.record()
+            self.events[name].append((start_event, end_event))
             self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), torch.cuda.max_memory_allocated(self.device))
+            if self.sync:
+                torch.cuda.synchronize(self.device)  # host sync: profiling only
+        else:
+            self.seconds[name] += time.perf_counter() - start
         if self.rss and (peak := rss_peak_bytes()) is not None:
             self.peak_rss[name] = max(self.peak_rss.get(name, 0), peak)
 
     def collect(self) -> dict[str, float]:
         """This step's metrics (``time/<phase>`` seconds, ``memory/<phase>_peak_gb`` on CUDA,
         ``memory/<phase>_peak_rss_gb`` on CPU); resets."""
+        if self.events:
+            torch.cuda.synchronize(self.device)  # host sync: once per step, to read the events
+            for name, pairs in self.events.items():
+                self.seconds[name] += sum(a.elapsed_time(b) for a, b in pairs) / 1e3
         out = {f"time/{k}": v for k, v in self.seconds.items()}
         out.update({f"memory/{k}_peak_gb": v / 1e9 for k, v in self.peak_bytes.items()})
         out.update({f"memory/{k}_peak_rss_gb": v / 1e9 for k, v in self.peak_rss.items()})
         self.seconds.clear()
+        self.events.clear()
         self.peak_bytes.clear()
         self.peak_rss.clear()
         return out

@@ -203,6 +203,7 @@ class PPOLagTrainer:
             return distributed.make_engine(model, _engine_config(cfg, world, lr=0.0, weight_decay=0.0, train=False))
 
         self.packed: dict[str, bool] = {}  # model → whether its passes run packed (model.packing)
+        self.full_head = not cfg.model.response_logits  # the original's LM head over every position
 
         def levers(name, model):
             model = apply_layer_levers(model, cfg, device)
@@ -241,7 +242,7 @@ class PPOLagTrainer:
             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, repetition_penalty=cfg.rollout.repetition_penalty,
             n=cfg.rollout.samples_per_prompt)
         self.start_step = 1
-        self.phases = PhaseTimer(device)
+        self.phases = PhaseTimer(device, sync=cfg.run.profile or cfg.run.memory_snapshot)
         if self.run.dist.rank > 0:
             # Every rank was seeded alike; sampling must differ between ranks (rank 0 keeps run.seed).
             torch.manual_seed(cfg.run.seed + 1_000_003 * self.run.dist.rank)
@@ -386,10 +387,12 @@ class PPOLagTrainer:
             for index, real in self._passes(attn, plen):
                 rows = Rows.take(seq, attn, plen, index)
                 args = (rows.sequences, rows.attention_mask, rows.prompt_len)
-                lp, logits = response_logprobs(self.actor, *args, temperature, packed=self.packed["actor"])
+                lp, logits = response_logprobs(self.actor, *args, temperature, packed=self.packed["actor"],
+                                               full_head=self.full_head)
                 ent = entropy_sum(logits, None if self.packed["actor"] else rows.response(mask), temperature)
                 del logits
-                lp_ref, _ = response_logprobs(self.ref, *args, temperature, packed=self.packed["ref"])
+                lp_ref, _ = response_logprobs(self.ref, *args, temperature, packed=self.packed["ref"],
+                                              full_head=self.full_head)
                 r = self.reward(rows.sequences, rows.attention_mask)
                 c = self.cost(rows.sequences, rows.attention_mask) if self.cost is not None else None
                 v_r = response_values(self.critic_r, *args, packed=self.packed["reward_critic"])
@@ -488,7 +491,7 @@ class PPOLagTrainer:
         for k, ((index, _), (w_seq, w_tok)) in enumerate(zip(passes, weights)):
             rows = Rows.take(exp.sequences, exp.attention_mask, exp.prompt_len, index)
             logp, _ = response_logprobs(self.actor, rows.sequences, rows.attention_mask, rows.prompt_len,
-                                        cfg.rollout.temperature, packed=self.packed["actor"])
+                                        cfg.rollout.temperature, packed=self.packed["actor"], full_head=self.full_head)
             pl = policy_loss(logp, rows.response(exp.logp_old), rows.response(exp.adv), rows.response(exp.mask),
                              p.clip_ratio)
             # The loss is a mean over the mini-batch's sequences: each pass's own mean weighs by its share.
