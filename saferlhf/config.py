@@ -49,6 +49,9 @@ class RunConfig:
     progress: bool = _f(True, "show tqdm progress bars")
     profile: bool = _f(False, "PPO: torch.profiler trace of rank 0 from step 2 on -> out_dir/profile/")
     memory_snapshot: bool = _f(False, "PPO on CUDA: record the allocator history -> out_dir/profile/")
+    verbose: bool = _f(False, "show what libraries print (the vLLM engine's log, transformers' loading reports and "
+                              "progress bars) on the console; otherwise the engine writes to engine-rank<r>.log in "
+                              "the run directory and the others are quiet")
     threads: int = _f(0, "CPU threads per rank for torch and the native ops (0: the cores this process may use "
                          "divided by the ranks on this machine); never more than that")
 

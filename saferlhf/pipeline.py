@@ -199,6 +199,10 @@ def run_demo(
         raise DemoError(str(e)) from None
     if settings.base == "smollm2":
         check_smollm2()
+    if not build_config("sft", preset_path, list(overrides or [])).run.verbose:
+        from saferlhf.trainers.common import quiet_libraries
+
+        quiet_libraries()
     out = Path(out_dir)
     result = DemoResult(out, settings=settings)
     extra = list(overrides or [])

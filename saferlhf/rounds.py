@@ -277,7 +277,7 @@ def _is_toy(prompts: Sequence[str]) -> bool:
 class _Sampler:
     """Two responses per prompt from the policy: a vLLM engine, or transformers ``generate``."""
 
-    def __init__(self, cfg, policy: str):
+    def __init__(self, cfg, policy: str, log_path: Path | None = None):
         import torch
 
         from saferlhf.models.hf import load_causal_lm, load_tokenizer
@@ -294,7 +294,7 @@ class _Sampler:
             self.generator = VLLMGenerator(
                 policy, self.tokenizer, None, dtype=cfg.model.dtype,
                 max_model_len=cfg.model.max_length + cfg.rollout.max_new_tokens, kv_cache_mb=cfg.rollout.kv_cache_mb,
-                seed=cfg.run.seed)
+                seed=cfg.run.seed, log_path=None if cfg.run.verbose else log_path)
             self.batch_size = 256
         else:
             from saferlhf.rollout.hf import HFGenerator
@@ -342,7 +342,7 @@ def stage_samples(rnd: _Round, out: Path) -> dict:
     rows = _read_jsonl(rnd.path("prompts/prompts.jsonl"))
     prompts = [r["prompt"] for r in rows]
     seed = cfg.run.seed + 1009 * rnd.args.round
-    sampler = _Sampler(cfg, rnd.args.policy)
+    sampler = _Sampler(cfg, rnd.args.policy, out / "engine.log")
     try:
         pairs = sampler.pairs(prompts, seed, "samples")
         retry = [i for i, pair in enumerate(pairs) if _unusable(pair)]

@@ -162,3 +162,15 @@ def test_an_engine_start_leaves_the_trainers_process_as_it_was(trainer, monkeypa
     trainer.sync_weights()  # the restarted engine still takes pushes and serves the actor
     same, diff = trainer.generator.verify(trainer.actor, _probes(trainer), max_new_tokens=12)
     assert same and diff <= 1e-4
+
+
+def test_engine_output_goes_to_the_run_directory_not_the_console(trainer, capfd):
+    """The engine's own log (vLLM's warnings at every start and push) is written to engine-rank0.log in the run
+    directory (``run.verbose=false``); the console keeps what saferlhf itself reports."""
+    capfd.readouterr()
+    trainer.generator.restart()
+    trainer.sync_weights()
+    out, err = capfd.readouterr()
+    assert "vllm" not in (out + err).lower() and "WARNING" not in out + err, (out + err)[-2000:]
+    log = (trainer.run.out_dir / "engine-rank0.log").read_text()
+    assert "Failed to load weights" in log  # a push's reload warnings (the rotary buffers carry no weights)

@@ -63,6 +63,33 @@ def end_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long() * positions).argmax(dim=-1)  # (B,)
 
 
+def _load_backbone(path, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    """``AutoModel.from_pretrained`` without transformers' load report for the one expected difference.
+
+    A score model is usually built on a causal LM's checkpoint, whose LM head the backbone does not use;
+    transformers reports those unused weights as a warning table on every load. Any other missing or
+    unexpected weight is still reported, as one warning naming them.
+    """
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    report = hf_logging.get_logger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
+    try:
+        backbone, info = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                   output_loading_info=True)
+    finally:
+        report.setLevel(level)
+    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(("lm_head.", "score."))]
+    missing = list(info.get("missing_keys", []))
+    if unexpected or missing:
+        logging.getLogger(__name__).warning("%s: backbone weights missing %s, unexpected %s", path, missing[:8],
+                                            unexpected[:8])
+    return backbone
+
+
 class ScoreModel(nn.Module):
     """`backbone` (an AutoModel without LM head) + `score_head` = Linear(H, K)."""
 
@@ -200,9 +227,7 @@ class ScoreModel(nn.Module):
         vocabulary (mean-initialised rows) and sets the special token ids. The model is returned
         in eval mode, as HF's `from_pretrained` does.
         """
-        backbone = AutoModel.from_pretrained(
-            path, dtype=dtype_from_str(dtype), trust_remote_code=trust_remote_code
-        )
+        backbone = _load_backbone(path, dtype_from_str(dtype), trust_remote_code)
         meta_file = Path(path) / SCORE_MODEL_FILE
         if meta_file.is_file():
             meta = json.loads(meta_file.read_text())

@@ -19,8 +19,10 @@ def resolve_backend(name: str) -> str:
     return name
 
 
-def make_generator(cfg, actor, tokenizer, model_path: str):
-    """The generator of ``cfg.rollout.backend`` for ``actor`` (a DeepSpeed engine) started from ``model_path``."""
+def make_generator(cfg, actor, tokenizer, model_path: str, log_path=None):
+    """The generator of ``cfg.rollout.backend`` for ``actor`` (a DeepSpeed engine) started from ``model_path``.
+
+    ``log_path``: where a vLLM engine writes its own log and console output (None: the console)."""
     backend = resolve_backend(cfg.rollout.backend)
     if backend == "hf":
         from saferlhf.rollout.hf import HFGenerator
@@ -34,4 +36,4 @@ def make_generator(cfg, actor, tokenizer, model_path: str):
         max_model_len=cfg.model.max_length + cfg.rollout.max_new_tokens, kv_cache_mb=cfg.rollout.kv_cache_mb,
         seed=cfg.run.seed, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
         enable_sleep=cfg.rollout.enable_sleep, sync_method=cfg.rollout.sync_method,
-        check_weights=cfg.rollout.check_weights, check_tolerance=cfg.rollout.check_tolerance)
+        check_weights=cfg.rollout.check_weights, check_tolerance=cfg.rollout.check_tolerance, log_path=log_path)

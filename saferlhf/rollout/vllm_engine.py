@@ -58,6 +58,7 @@ own 12 gloo process groups per rank only add idle threads that wake every 10 ms.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -187,6 +188,32 @@ class _ProcessState:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _output_to(path: str | None):
+    """Send this process's stdout and stderr (file descriptors 1 and 2: C++ code, Python warnings, progress
+    bars) to ``path`` for the duration; nothing changes when ``path`` is None."""
+    if path is None:
+        yield
+        return
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 @dataclass
@@ -376,7 +403,8 @@ class VLLMGenerator:
     def __init__(self, model_path: str, tokenizer, spec: WeightSpec | None = None, *, dtype: str = "float32",
                  max_model_len: int = 1024, kv_cache_mb: int = 256, seed: int = 0, tensor_parallel_size: int = 1,
                  enable_sleep: bool = False, sync_method: str = "auto", check_weights: bool = True,
-                 check_tolerance: float = 0.0, scratch_dir: str | os.PathLike | None = None) -> None:
+                 check_tolerance: float = 0.0, scratch_dir: str | os.PathLike | None = None,
+                 log_path: str | os.PathLike | None = None) -> None:
         if sync_method not in ("auto", "reload", "load_weights"):
             raise ValueError(f"rollout.sync_method must be auto, reload or load_weights, got {sync_method!r}")
         if kv_cache_mb <= 0:
@@ -392,6 +420,8 @@ class VLLMGenerator:
         self.enable_sleep = enable_sleep and torch.cuda.is_available()
         self.sync_method = ("load_weights" if torch.cuda.is_available() else "reload") if sync_method == "auto" \
             else sync_method
+        self.log_path = str(log_path) if log_path is not None else None  # None: the engine logs to the console
+        self._log_handler: logging.Handler | None = None
         self.check_weights = check_weights and spec is not None
         self.check_tolerance = check_tolerance or default_tolerance(dtype)
         self.scratch_dir = Path(scratch_dir) if scratch_dir is not None else None
@@ -413,7 +443,9 @@ class VLLMGenerator:
             raise RuntimeError("a vLLM engine is already running in this process: shut it down first")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        from vllm import LLM
+        with _output_to(self.log_path):  # importing vLLM the first time prints warnings of its own
+            from vllm import LLM
+        self._route_engine_logs()  # after the import: importing vLLM configures its loggers
 
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         kwargs = {}
@@ -424,13 +456,15 @@ class VLLMGenerator:
             kwargs["enable_sleep_mode"] = True
         state = _ProcessState.capture()
         try:
-            self.llm = LLM(
-                model=weights_path or self.model_path, tokenizer=self.model_path, dtype=self.dtype, seed=self.seed,
-                max_model_len=self.max_model_len, kv_cache_memory_bytes=self.kv_cache_mb << 20,
-                tensor_parallel_size=self.tensor_parallel_size, enforce_eager=not torch.cuda.is_available(),
-                skip_tokenizer_init=False, **kwargs)
+            with _output_to(self.log_path):  # the engine start's C++ and warnings output
+                self.llm = LLM(
+                    model=weights_path or self.model_path, tokenizer=self.model_path, dtype=self.dtype,
+                    seed=self.seed, max_model_len=self.max_model_len, kv_cache_memory_bytes=self.kv_cache_mb << 20,
+                    tensor_parallel_size=self.tensor_parallel_size, enforce_eager=not torch.cuda.is_available(),
+                    skip_tokenizer_init=False, **kwargs)
         finally:
             state.restore()
+        self._route_engine_logs()
         _live = self
         if self.check_weights:
             self.plan, self.unchecked = self.llm.collective_rpc(_probe_plan, args=(self.spec.shapes,))[0]
@@ -438,6 +472,31 @@ class VLLMGenerator:
                 shown = ", ".join(self.unchecked[:4]) + (" ..." if len(self.unchecked) > 4 else "")
                 logger.warning("weight check: %d engine parameters have no counterpart in the actor and are not "
                                "checked after a sync (%s)", len(self.unchecked), shown)
+
+    def _route_engine_logs(self) -> None:
+        """With a ``log_path``, vLLM's own log records go to that file instead of the console.
+
+        Called after importing vLLM and again after the engine start: vLLM (re)configures its loggers then."""
+        if self.log_path is None:
+            return
+        engine_logger = logging.getLogger("vllm")
+        if self._log_handler is not None and engine_logger.handlers == [self._log_handler]:
+            return
+        if self._log_handler is None:
+            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+            self._log_handler = logging.FileHandler(self.log_path)
+            self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            self._saved_log_setup = (list(engine_logger.handlers), engine_logger.propagate)
+        engine_logger.handlers = [self._log_handler]
+        engine_logger.propagate = False
+
+    def _restore_engine_logs(self) -> None:
+        if self._log_handler is None:
+            return
+        engine_logger = logging.getLogger("vllm")
+        engine_logger.handlers, engine_logger.propagate = self._saved_log_setup
+        self._log_handler.close()
+        self._log_handler = None
 
     def shutdown(self) -> None:
         """Stop the engine and release vLLM's process groups (the trainer's own group stays up)."""
@@ -462,12 +521,14 @@ class VLLMGenerator:
         original = core.cleanup_dist_env_and_memory
         core.cleanup_dist_env_and_memory = release_vllm_groups
         try:
-            self.llm.llm_engine.engine_core.shutdown()
+            with _output_to(self.log_path):
+                self.llm.llm_engine.engine_core.shutdown()
         finally:
             core.cleanup_dist_env_and_memory = original
             self.llm = None
             _live = None
         release_vllm_groups()
+        self._restore_engine_logs()
 
     def restart(self) -> None:
         """A fresh engine with the last good weights (the checkpoint it started from before any push)."""

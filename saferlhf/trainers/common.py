@@ -169,9 +169,20 @@ class Run:
         return self.out_dir / "plots"
 
 
+def quiet_libraries() -> None:
+    """transformers' per-load progress bars and reports off the console (``run.verbose=false``): a load whose
+    weights do not fit is still an error, and what saferlhf knows to be unexpected it logs itself."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def setup_run(cfg: Config) -> Run:
     info = distributed.init_distributed(cfg.deepspeed.backend)
     configure_logging(info.rank)
+    if not cfg.run.verbose:
+        quiet_libraries()
     if info.device.type == "cpu":
         distributed.set_cpu_threads(cfg.run.threads)
     seed_everything(cfg.run.seed, cfg.run.deterministic)

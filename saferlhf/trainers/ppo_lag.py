@@ -235,7 +235,8 @@ class PPOLagTrainer:
             self.critic_c = trained(score_model("cost_critic", critic_paths["cost"]),
                                     p.critic_lr, p.critic_weight_decay)
         self.lagrange = make_lagrange(cfg) if self.mode == "ppo_lag" else None
-        self.generator = make_generator(cfg, self.actor, self.tokenizer, actor_path)
+        engine_log = None if cfg.run.verbose else self.run.out_dir / f"engine-rank{self.run.dist.rank}.log"
+        self.generator = make_generator(cfg, self.actor, self.tokenizer, actor_path, engine_log)
         self.engine_backed = hasattr(self.generator, "verify")  # generation on an engine with its own weights
         self.sampling = SamplingParams(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
