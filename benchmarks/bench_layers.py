@@ -33,7 +33,7 @@ import bench_step  # noqa: E402  (imports saferlhf from this checkout)
 import gpu_suite  # noqa: E402
 
 from saferlhf.algorithms import value_loss  # noqa: E402
-from saferlhf.trainers.passes import response_values  # noqa: E402
+from saferlhf.models.passes import response_values  # noqa: E402
 
 
 def host_us(fn, calls: int = 200) -> float:

@@ -64,8 +64,8 @@ from saferlhf import ops  # noqa: E402
 from saferlhf.algorithms import policy_loss, value_loss  # noqa: E402
 from saferlhf.models.compiled import compile_layers, resolve_compile_layers, uncompile_layers  # noqa: E402
 from saferlhf.models.fused import unuse_fused_layers, use_fused_layers  # noqa: E402
+from saferlhf.models.passes import mean_entropy, response_logprobs, response_values  # noqa: E402
 from saferlhf.models.score_model import ScoreModel  # noqa: E402
-from saferlhf.trainers.passes import mean_entropy, response_logprobs, response_values  # noqa: E402
 
 PHASES = ("score", "experience", "actor", "critics")
 

@@ -138,7 +138,7 @@ def run_config(name: str, args, models: dict[str, Path], out: Path, round_: int 
 
 def summarize(run_dirs: Path | list[Path], rollout_per_step: int) -> dict[str, float]:
     """Median seconds per phase over the steps after the first of each run, tokens/s and sequences/s."""
-    from saferlhf.trainers.common import read_metrics
+    from saferlhf.monitor import read_metrics
 
     timed = []
     for run_dir in [run_dirs] if isinstance(run_dirs, Path) else run_dirs:

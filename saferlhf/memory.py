@@ -55,7 +55,7 @@ is the original's (``SAFERLHF_OPS=reference``: transformers' layers, the LM head
   R·L·b·h + R·H·V·b + op) with op = the head's input copy R·(T + 1)·b·h for the fused
   configuration and 2 × 4·R·T·V for the reference (the fp32 upcast, then the log-softmax output
   next to it).
-- entropy pass (actor, ``saferlhf.trainers.passes.mean_entropy``): the logits R·H·V·b, a copy of
+- entropy pass (actor, ``saferlhf.models.passes.mean_entropy``): the logits R·H·V·b, a copy of
   the response logits R·T·V·b (reshaping the non-contiguous (R, T, V) slice copies it when R > 1)
   and 16 bytes per element of one chunk of ENTROPY_CHUNK rows of V (its fp32 temporaries).
 - score pass (reward, cost, critics' values, no grad): R·L·b·(2h + 3i) inside a block.
@@ -82,7 +82,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 GB = 1e9
-ENTROPY_CHUNK = 1024  # rows per chunk in saferlhf.trainers.passes.mean_entropy (a test keeps them equal)
+ENTROPY_CHUNK = 1024  # rows per chunk in saferlhf.models.passes.mean_entropy (a test keeps them equal)
 REDUCE_BUCKET = 5e8  # DeepSpeed's default reduce_bucket_size (elements)
 PREFETCH_BUCKET = 5e7  # stage3_prefetch_bucket_size, as saferlhf.distributed configures it
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}

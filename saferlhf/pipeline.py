@@ -1,19 +1,20 @@
 """The main job on the embedded default: two Safe RLHF rounds on the toy world, on CPU.
 
-``saferlhf demo`` builds a tiny Llama and a tokenizer for the toy language, fine-tunes it (SFT),
-trains the reward model (helpfulness) and the cost model (harmlessness) on decoupled toy-world
-preferences, then runs
+``saferlhf demo`` builds a tiny Llama and a tokenizer for the toy language, fine-tunes it (SFT), and
+then runs two rounds of `saferlhf.rounds.run_round`, the same function ``saferlhf round`` runs:
 
-- **round 1**, the paper's comparison from that one SFT model with the same seed and budget: PPO
-  (reward only), PPO-Lagrangian (learned λ, d = 0) and reward shaping (R − λC, fixed λ). Round 1's
-  policy is the PPO-Lag one; it is red-teamed on the preset's RL prompts (``round_1/``);
-- **round 2** (`saferlhf.rounds.run_round`, ``round_2/``) from round 1's policy: red-team prompts
-  (a sample of the preset's plus every one round 1 answered unsafely), two answers each, the toy
-  world's ground-truth labels, reward and cost models retrained from the SFT model on all the
-  preference data so far, and PPO-Lag again from round 1's policy. Its λ starts where round 1's
-  ended and moves at a quarter of round 1's rate: round 1 needs a fast λ to climb from 1 to the level
-  the constraint needs, round 2 starts at that level and only adjusts it. (Reset to 1, or falling at
-  round 1's rate while J_C < d, λ lets the policy trade the safety it has just learnt for reward.)
+- **round 1** (``round_1/``) from the SFT model, on the preset's preference data (``labels=none``: no
+  new labels yet): the reward model (helpfulness) and the cost model (harmlessness) trained from the
+  SFT model, PPO-Lagrangian (learned λ, d = 0) and, as the round's baselines stage, the paper's
+  comparison with the same seed and budget — PPO (reward only) and reward shaping (R − λC, fixed λ).
+  Its eval stage red-teams round 1's policy on the preset's RL prompts;
+- **round 2** (``round_2/``) from round 1's policy: red-team prompts (a sample of the preset's plus
+  every one round 1 answered unsafely), two answers each, the toy world's ground-truth labels, reward
+  and cost models retrained from the SFT model on all the preference data so far, and PPO-Lag again.
+  Its λ starts where round 1's ended and moves at a quarter of round 1's rate: round 1 needs a fast
+  λ to climb from 1 to the level the constraint needs, round 2 starts at that level and only adjusts
+  it. (Reset to 1, or falling at round 1's rate while J_C < d, λ lets the policy trade the safety it
+  has just learnt for reward.)
 
 Every policy is scored with the toy world's ground truth on held-out prompts (sampled, with 95%
 bootstrap intervals over the prompts). Every stage writes its own run directory under ``--out``;
@@ -23,16 +24,17 @@ bootstrap intervals over the prompts). Every stage writes its own run directory 
 from __future__ import annotations
 
 import json
-import shutil
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from saferlhf.config import build_config, resolve_preset
-from saferlhf.trainers.common import logger
+from saferlhf.evaluate.groundtruth import EVAL_PROMPTS, evaluate_policy, lambda_summary, read_trace
+
+logger = logging.getLogger(__name__)
 
 DEMO_SEED = 42
-EVAL_PROMPTS = 256  # held-out toy prompts, two samples each
 RED_TEAM_PROMPTS = 512  # round 1's policy answers this many of the preset's RL prompts (unsafe ones go to round 2)
 ROUND_PROMPTS = 256  # round 2's red-team prompts drawn from the preset's RL prompts (besides round 1's unsafe ones)
 RL_STAGES = ("ppo", "ppo_lag", "ppo_rs")
@@ -119,58 +121,6 @@ def build_smollm2_base(out_dir: Path) -> Path:
     return out_dir
 
 
-def ground_truth_intervals(prompts: list[str], responses: list[str], seed: int = DEMO_SEED,
-                           alpha: float = 0.05) -> dict[str, float]:
-    """95% bootstrap intervals of the harmful rate and the helpfulness, resampling prompts.
-
-    A prompt's value is the mean over its samples (``responses`` holds ``len(responses) //
-    len(prompts)`` per prompt, in prompt order), as `saferlhf eval` resamples them.
-    """
-    import numpy as np
-
-    from saferlhf.data.toyworld import score
-    from saferlhf.evaluate.arena import bootstrap_ci
-
-    n = len(responses) // len(prompts)
-    harm, helpful = [], []
-    for i, prompt in enumerate(prompts):
-        scores = [score(prompt, r) for r in responses[i * n:(i + 1) * n]]
-        if scores[0].is_harmful_request:
-            harm.append(np.mean([s.harm for s in scores]))
-        elif scores[0].category == "benign":
-            helpful.append(np.mean([s.helpfulness for s in scores]))
-    out = {}
-    for key, values in (("harm_rate", harm), ("helpfulness", helpful)):
-        if values:
-            _, out[f"{key}_low"], out[f"{key}_high"] = bootstrap_ci(values, alpha=alpha, seed=seed)
-    return out
-
-
-def evaluate_policy(model_dir: Path, n_prompts: int = EVAL_PROMPTS, seed: int = DEMO_SEED, *,
-                    max_new_tokens: int = 48, max_length: int = 64) -> dict[str, float]:
-    """Ground-truth metrics of a policy checkpoint on held-out toy prompts, with 95% intervals.
-
-    Responses are sampled (temperature 1, fixed seed), not greedy: the policy is a distribution, and
-    a greedy decode would report only its mode (an SFT policy that complies with half of the harmful
-    requests would read as 0 % or 100 % harmful). The keys are those of
-    `saferlhf.data.toyworld.evaluate_responses` plus ``harm_rate_low/high`` and ``helpfulness_low/high``.
-    """
-    from saferlhf.data.registry import mix_datasets
-    from saferlhf.data.toyworld import evaluate_responses
-    from saferlhf.evaluate.generation import generate_responses
-    from saferlhf.models.hf import load_causal_lm, load_tokenizer
-    from saferlhf.rollout.base import SamplingParams
-
-    tokenizer = load_tokenizer(str(model_dir), padding_side="left")
-    model = load_causal_lm(str(model_dir), tokenizer=tokenizer)
-    rows = mix_datasets([f"toy-prompts/test:{n_prompts}/-1"], "prompt", seed=seed).rows
-    prompts = [r["prompt"] for r in rows]
-    sampling = SamplingParams(max_new_tokens=max_new_tokens, n=2, seed=seed)
-    responses = generate_responses(model, tokenizer, prompts, sampling, max_length=max_length)
-    metrics = evaluate_responses([p for p in prompts for _ in range(sampling.n)], responses)
-    return {**metrics, **ground_truth_intervals(prompts, responses, seed)}
-
-
 def run_demo(
     out_dir: str | Path = "runs/demo", preset: str = "tiny-cpu", overrides: list[str] | None = None,
     rl: bool = True, rounds: int = 2, settings: DemoSettings | None = None,
@@ -182,7 +132,6 @@ def run_demo(
     stage runs when the preset cannot run here.
     """
     from saferlhf.config import ConfigError
-    from saferlhf.trainers.preference import train_preference
     from saferlhf.trainers.sft import train_sft
 
     if rounds not in (1, 2):
@@ -200,7 +149,7 @@ def run_demo(
     if settings.base == "smollm2":
         check_smollm2()
     if not build_config("sft", preset_path, list(overrides or [])).run.verbose:
-        from saferlhf.trainers.common import quiet_libraries
+        from saferlhf.monitor import quiet_libraries
 
         quiet_libraries()
     out = Path(out_dir)
@@ -216,56 +165,23 @@ def run_demo(
         base = build_base_model(out / "base")
     result.seconds["base"] = time.perf_counter() - t0
 
-    def stage(name: str, model_path: Path, runner) -> Path:
-        start = time.perf_counter()
-        cfg = build_config(name, preset_path,
-                           [f"run.out_dir={out / name}", f"model.name_or_path={model_path}", *extra])
-        logger.info("demo: round 1: stage %s → %s", name, cfg.out_dir)
-        result.stages[name] = runner(cfg)
-        result.seconds[name] = time.perf_counter() - start
-        return cfg.out_dir / "model"
-
-    sft_model = stage("sft", base, train_sft)
-    rm_model = stage("rm", sft_model, train_preference)
-    cm_model = stage("cm", sft_model, train_preference)
-
     start = time.perf_counter()
-    logger.info("demo: ground truth of the SFT policy on %d held-out prompts", settings.eval_prompts)
-    result.policies["sft"] = evaluate_policy(sft_model, settings.eval_prompts)
-    result.seconds["eval"] = time.perf_counter() - start
-    if rl:
-        run_rl_comparison(result, sft_model, rm_model, cm_model, preset_path, extra, settings.rl_stages)
-        if rounds == 2:
-            run_second_round(result, sft_model, rm_model, cm_model, preset_path, extra)
+    cfg = build_config("sft", preset_path, [f"run.out_dir={out / 'sft'}", f"model.name_or_path={base}", *extra])
+    logger.info("demo: stage sft → %s", cfg.out_dir)
+    result.stages["sft"] = train_sft(cfg)
+    result.seconds["sft"] = time.perf_counter() - start
+    sft_model = cfg.out_dir / "model"
+    run_round_one(result, sft_model, preset_path, extra, until=None if rl else "models")
+    if not rl:
+        start = time.perf_counter()
+        logger.info("demo: ground truth of the SFT policy on %d held-out prompts", settings.eval_prompts)
+        result.policies["sft"] = evaluate_policy(sft_model, settings.eval_prompts)
+        result.seconds["eval"] = time.perf_counter() - start
+    elif rounds == 2:
+        run_round_two(result, sft_model, preset_path, extra)
     result.seconds["total"] = time.perf_counter() - t_start
     write_report(result)
     logger.info("demo: done in %.0f s; report in %s", result.seconds["total"], out / "report.md")
-    return result
-
-
-def read_trace(run_dir: Path) -> list[dict]:
-    """λ, J_C, episode reward and cost per step of a PPO run (its ``metrics.jsonl``)."""
-    from saferlhf.trainers.common import read_metrics
-
-    return [{k: r[k] for k in ("step", "train/lambda", "train/episode_cost_window", "train/reward", "train/cost")
-             if k in r} for r in read_metrics(run_dir / "metrics.jsonl") if "train/reward" in r]
-
-
-def run_rl_comparison(result: DemoResult, sft_model: Path, rm_model: Path, cm_model: Path, preset_path: Path,
-                      overrides: list[str] | None = None, stages: tuple[str, ...] = RL_STAGES) -> DemoResult:
-    """PPO, PPO-Lag and reward shaping from one SFT model, same seed and budget; ground truth of each."""
-    from saferlhf.trainers.ppo_lag import train_ppo
-
-    for name in stages:
-        start = time.perf_counter()
-        cfg = build_config(name, preset_path, [f"run.out_dir={result.out_dir / name}",
-                                               f"model.name_or_path={sft_model}", f"ppo.reward_model={rm_model}",
-                                               f"ppo.cost_model={cm_model}", *(overrides or [])])
-        logger.info("demo: round 1: stage %s → %s", name, cfg.out_dir)
-        result.stages[name] = train_ppo(cfg)
-        result.policies[name] = evaluate_policy(cfg.out_dir / "model", result.settings.eval_prompts)
-        result.traces[name] = read_trace(cfg.out_dir)
-        result.seconds[name] = time.perf_counter() - start
     return result
 
 
@@ -283,84 +199,74 @@ def red_team_prompts(preset_path: Path, n: int, overrides: list[str] | None = No
     return [_exactly(spec, max(1, n // len(specs))) for spec in specs]
 
 
-def run_second_round(result: DemoResult, sft_model: Path, rm_model: Path, cm_model: Path, preset_path: Path,
-                     overrides: list[str] | None = None) -> DemoResult:
-    """Round 2 from round 1's PPO-Lag policy (``result.out_dir / "ppo_lag"``); see the module docstring.
+def run_round_one(result: DemoResult, sft_model: Path, preset_path: Path, overrides: list[str] | None = None, *,
+                  stages: tuple[str, ...] | None = None, reward_model: Path | None = None,
+                  cost_model: Path | None = None, until: str | None = None) -> dict:
+    """Round 1 from the SFT model (``result.out_dir / "round_1"``): models on the preset's data (or the given
+    ones), PPO-Lag, the baselines of ``stages`` (default: the settings'), the red-teaming eval; its report."""
+    from saferlhf.rounds import run_round
 
-    First round 1's policy answers ``red_team_prompts`` (`DemoSettings`) of the preset's RL prompts, scored by round 1's
-    models and the ground truth (``round_1/red_team/``, recorded as ``round_1/report.json``); then
-    `saferlhf.rounds.run_round` runs round 2 in ``round_2/`` with ``lagrange.lambda_init`` = round 1's
-    final λ and ``lagrange.lr`` = ``round_2_lambda_lr`` × round 1's. Both directories are rebuilt from
-    scratch: they depend on this run's round 1.
-    """
-    from saferlhf.evaluate.evaluate import evaluate
-    from saferlhf.rounds import run_round, write_round_record
-
-    out, extra = result.out_dir, list(overrides or [])
-    policy = out / "ppo_lag" / "model"
-    round_1, round_2 = out / "round_1", out / "round_2"
-    for stale in (round_1, round_2):
-        shutil.rmtree(stale, ignore_errors=True)
-    cfg = build_config("ppo_lag", preset_path, extra)
-    trace = result.traces.get("ppo_lag") or read_trace(out / "ppo_lag")
-    lam = lambda_summary(trace)
-
-    start = time.perf_counter()
-    prompts_file = round_1 / "red_team" / "prompts.jsonl"
     settings = result.settings
-    _write_prompts(prompts_file, red_team_prompts(preset_path, settings.red_team_prompts, extra), cfg.run.seed)
-    logger.info("demo: round 1: red-teaming the PPO-Lag policy on %d of the preset's prompts → %s",
-                settings.red_team_prompts, prompts_file.parent)
-    red = evaluate(policy, str(prompts_file), round_1 / "red_team", reward_model=rm_model, cost_model=cm_model,
-                   samples=1, max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                   seed=cfg.run.seed, max_length=cfg.model.max_length, run_dir=out / "ppo_lag",
-                   show_progress=cfg.run.progress)
-    est = lambda name: (red["metrics"].get(name) or {}).get("estimate")  # noqa: E731
-    truth = red["ground_truth"] or {}
-    held_out, sft = result.policies.get("ppo_lag", {}), result.policies.get("sft", {})
-    final = trace[-1]
-    metrics = {
-        "reward_model_accuracy": result.stages.get("rm", {}).get("eval/accuracy"),
-        "cost_model_accuracy": result.stages.get("cm", {}).get("eval/accuracy"),
-        "cost_model_sign_accuracy": result.stages.get("cm", {}).get("eval/sign_accuracy"),
-        "ppo_lag_lambda": final.get("train/lambda"), "ppo_lag_cost_window": final.get("train/episode_cost_window"),
-        "ppo_lag_reward": final.get("train/reward"), "ppo_lag_cost": final.get("train/cost"),
-        "eval_reward": est("reward"), "eval_cost": est("cost"), "eval_harmful_rate_cost": est("harmful_rate"),
-        "eval_harm_rate": (truth.get("harm_rate") or {}).get("estimate"),
-        "held_out_harm_rate_before": sft.get("harm_rate"), "held_out_harm_rate": held_out.get("harm_rate"),
-        "held_out_helpfulness_before": sft.get("helpfulness"), "held_out_helpfulness": held_out.get("helpfulness"),
-    }
-    write_round_record(round_1, round_index=1, policy=policy, sft=sft_model,
-                       responses="red_team/responses.jsonl", metrics=metrics)
-    result.rounds["round_1"] = {"red_team_prompts": red["n_prompts"], "red_team_harm_rate": metrics["eval_harm_rate"],
-                                "red_team_harmful_rate_cost": metrics["eval_harmful_rate_cost"]}
-    result.seconds["red_team"] = time.perf_counter() - start
-
+    stages = settings.rl_stages if stages is None else stages
+    extra = list(overrides or [])
     start = time.perf_counter()
-    lambda_lr = cfg.lagrange.lr * settings.round_2_lambda_lr
-    logger.info("demo: round 2 → %s (PPO-Lag from round 1's policy, λ from %.3f, λ lr %g)", round_2, lam["last"],
-                lambda_lr)
-    rnd = run_round(round_2, policy=policy, sft=sft_model,
-                    prompts=red_team_prompts(preset_path, settings.round_prompts, extra), previous_report=round_1,
-                    preset=str(preset_path),
-                    overrides=[*extra, f"lagrange.lambda_init={lam['last']!r}", f"lagrange.lr={lambda_lr!r}"],
-                    eval_prompts=settings.eval_prompts,
+    logger.info("demo: round 1 → %s (reward and cost models on the preset's data, PPO-Lag%s)", result.out_dir /
+                "round_1", "".join(f", {s}" for s in stages if s != "ppo_lag"))
+    rnd = run_round(result.out_dir / "round_1", policy=sft_model, sft=sft_model,
+                    prompts=red_team_prompts(preset_path, settings.red_team_prompts, extra), labels="none",
+                    preset=str(preset_path), overrides=extra, eval_prompts=settings.eval_prompts,
+                    ppo_prompts="preset", baselines=[s for s in stages if s != "ppo_lag"],
+                    reward_model=reward_model, cost_model=cost_model, until=until,
                     log=lambda line: logger.info("demo: %s", line))
-    report = rnd.report
-    result.rounds["round_2"] = report
-    result.policies["round_2"] = report["stages"]["eval"]["held_out"]["after"]
-    result.traces["round_2"] = read_trace(round_2 / "ppo_lag")
+    collect_round(result, "round_1", rnd.report)
+    result.seconds["round_1"] = time.perf_counter() - start
+    return rnd.report
+
+
+def run_round_two(result: DemoResult, sft_model: Path, preset_path: Path, overrides: list[str] | None = None) -> dict:
+    """Round 2 from round 1's PPO-Lag policy (``result.out_dir / "round_2"``); see the module docstring."""
+    from saferlhf.rounds import run_round
+
+    out, extra, settings = result.out_dir, list(overrides or []), result.settings
+    cfg = build_config("ppo_lag", preset_path, extra)
+    lam = lambda_summary(read_trace(out / "round_1" / "ppo_lag"))
+    lambda_lr = cfg.lagrange.lr * settings.round_2_lambda_lr
+    start = time.perf_counter()
+    logger.info("demo: round 2 → %s (PPO-Lag from round 1's policy, λ from %.3f, λ lr %g)", out / "round_2",
+                lam["last"], lambda_lr)
+    rnd = run_round(out / "round_2", policy=out / "round_1" / "ppo_lag" / "model", sft=sft_model,
+                    prompts=red_team_prompts(preset_path, settings.round_prompts, extra), previous_report=out /
+                    "round_1", preset=str(preset_path),
+                    overrides=[*extra, f"lagrange.lambda_init={lam['last']!r}", f"lagrange.lr={lambda_lr!r}"],
+                    eval_prompts=settings.eval_prompts, log=lambda line: logger.info("demo: %s", line))
+    collect_round(result, "round_2", rnd.report)
     result.seconds["round_2"] = time.perf_counter() - start
-    return result
+    return rnd.report
 
 
-def _write_prompts(path: Path, specs: list[str], seed: int) -> None:
-    from saferlhf.data.registry import mix_datasets
-
-    rows = mix_datasets(specs, "prompt", seed=seed).rows
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"prompt": r["prompt"]}, ensure_ascii=False) + "\n" for r in rows),
-                    encoding="utf-8")
+def collect_round(result: DemoResult, name: str, report: dict) -> None:
+    """The policies, models, traces and report of a finished round, into ``result``."""
+    stages = report["stages"]
+    round_dir = result.out_dir / name
+    result.rounds[name] = report
+    if name == "round_1":
+        models = stages.get("models", {})
+        for kind in ("rm", "cm"):
+            if models.get(kind):
+                result.stages[kind] = models[kind]
+    held = (stages.get("eval") or {}).get("held_out")
+    if held:
+        if name == "round_1":
+            result.policies["sft"] = held["before"]
+            result.policies["ppo_lag"] = held["after"]
+        else:
+            result.policies[name] = held["after"]
+    if (round_dir / "ppo_lag" / "metrics.jsonl").is_file():
+        result.traces["ppo_lag" if name == "round_1" else name] = read_trace(round_dir / "ppo_lag")
+    for baseline in (stages.get("baselines") or {}).get("trained", []):
+        if "held_out" in stages["baselines"].get(baseline, {}):
+            result.policies[baseline] = stages["baselines"][baseline]["held_out"]
+        result.traces[baseline] = read_trace(round_dir / "baselines" / baseline)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +306,7 @@ def summary(result: DemoResult) -> dict:
         out["round_2_reward_model"] = {"accuracy": _round(m["reward_model_accuracy"])}
         out["round_2_cost_model"] = {"accuracy": _round(m["cost_model_accuracy"]),
                                      "sign_accuracy": _round(m["cost_model_sign_accuracy"])}
-        out["round_2_data"] = {"red_team_prompts": result.rounds["round_1"]["red_team_prompts"],
+        out["round_2_data"] = {"red_team_prompts": result.rounds["round_1"]["metrics"]["prompts"],
                                "prompts": m["prompts"], "carried_over": m["prompts_carried_over"],
                                "pairs": m["pairs"], "preference_rows": m["preference_rows"],
                                "reward_only_rows": m["preference_rows_reward_only"],
@@ -454,11 +360,10 @@ def format_table(result: DemoResult) -> str:
 
     report = result.rounds.get("round_2")
     if report:
-        m, red = report["metrics"], result.rounds["round_1"]
+        m, red = report["metrics"], result.rounds["round_1"]["metrics"]
         lines += ["", "Round 2 (from round 1's PPO-Lag policy)",
-                  f"- red-teaming round 1's policy: {red['red_team_prompts']} prompts, harmful answers to "
-                  f"{red['red_team_harm_rate']:.1%} (ground truth), cost > 0 on "
-                  f"{red['red_team_harmful_rate_cost']:.1%}",
+                  f"- red-teaming round 1's policy: {red['prompts']} prompts, harmful answers to "
+                  f"{red['eval_harm_rate']:.1%} (ground truth), cost > 0 on {red['eval_harmful_rate_cost']:.1%}",
                   f"- {m['prompts']} red-team prompts ({m['prompts'] - m['prompts_carried_over']} of the preset's + "
                   f"{m['prompts_carried_over']} that round 1 answered unsafely), {m['pairs']} answer pairs",
                   f"- {m['preference_rows']} preference rows + {m['preference_rows_reward_only']} reward-only + "
@@ -482,18 +387,6 @@ def format_table(result: DemoResult) -> str:
 
 def _num(v) -> str:
     return "-" if v is None else f"{v:.3f}"
-
-
-def lambda_summary(trace: list[dict]) -> dict:
-    """λ at the first step, its peak and the step of the peak, its last value; J_C first and last.
-
-    A peak held over several steps (λ at ``lagrange.lambda_max``) counts at its last step.
-    """
-    lams = [r["train/lambda"] for r in trace]
-    peak = max(range(len(lams)), key=lambda i: (lams[i], i))
-    return {"first": lams[0], "peak": lams[peak], "peak_step": trace[peak]["step"], "last": lams[-1],
-            "last_step": trace[-1]["step"], "first_cost": trace[0]["train/episode_cost_window"],
-            "last_cost": trace[-1]["train/episode_cost_window"]}
 
 
 def plot_report(result: DemoResult, path: Path) -> Path | None:
@@ -557,7 +450,7 @@ def write_report(result: DemoResult) -> Path:
     if png is not None:
         text += f"\n![SFT, round 1 and round 2; λ and cost of both PPO-Lag runs]({png.name})\n"
     if result.rounds.get("round_2"):
-        text += ("\nRound 1's red-teaming: `round_1/red_team/eval.md`; round 2 stage by stage, against round 1: "
+        text += ("\nRound 1's red-teaming: `round_1/eval/eval.md`; round 2 stage by stage, against round 1: "
                  "`round_2/report.md`.\n")
     path = out / "report.md"
     path.write_text(text, encoding="utf-8")

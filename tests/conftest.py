@@ -1,5 +1,6 @@
 """Shared fixtures: the toy-world models (base → SFT → reward model → cost model), built once, and
-the demo's round 1 from them (PPO, PPO-Lag and reward shaping, each scored by the ground truth).
+the demo's round 1 from them (`saferlhf.rounds.run_round` with these models: PPO-Lag and the PPO and
+reward-shaping baselines, each scored by the ground truth; the red-teaming eval).
 
 Stages run in-process (a world of one, gloo); the distributed tests launch torchrun themselves.
 """
@@ -35,11 +36,10 @@ def round_one(toy_models, tmp_path_factory):
     the SFT policy's ground truth, then PPO, PPO-Lag and reward shaping from it (a `DemoResult` whose
     ``out_dir`` holds the ``ppo``, ``ppo_lag`` and ``ppo_rs`` runs)."""
     from saferlhf.config import resolve_preset
-    from saferlhf.pipeline import DemoResult, evaluate_policy, run_rl_comparison
+    from saferlhf.pipeline import DemoResult, run_round_one
 
     result = DemoResult(tmp_path_factory.mktemp("demo"))
+    run_round_one(result, toy_models.sft, resolve_preset("tiny-cpu"), ["run.progress=false", "run.tensorboard=false"],
+                  reward_model=toy_models.rm, cost_model=toy_models.cm)
     result.stages["rm"], result.stages["cm"] = toy_models.rm_metrics, toy_models.cm_metrics
-    result.policies["sft"] = evaluate_policy(toy_models.sft)
-    run_rl_comparison(result, toy_models.sft, toy_models.rm, toy_models.cm, resolve_preset("tiny-cpu"),
-                      ["run.progress=false", "run.tensorboard=false"])
     return result

@@ -1,6 +1,6 @@
 """``saferlhf demo``: two Safe RLHF rounds on the toy world, and its report.
 
-The round-2 test runs the demo's round 2 (`run_second_round`) on the demo's round 1 (the shared
+The round-2 test runs the demo's round 2 (`run_round_two`) on the demo's round 1 (the shared
 ``round_one`` fixture: the ``tiny-cpu`` preset with the demo's seed and budgets), so it checks the
 default demo's result: round 2 improves on round 1 on the toy world's ground truth — harm down,
 helpfulness not down. The command-line test runs the whole command with tiny budgets, and the SmolLM2 test the same two
@@ -26,7 +26,7 @@ from saferlhf.pipeline import (
     format_table,
     lambda_summary,
     run_demo,
-    run_second_round,
+    run_round_two,
     summary,
     write_report,
 )
@@ -41,8 +41,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_round_two_is_safer_than_round_one_and_as_helpful(round_one, toy_models):
-    result = run_second_round(round_one, toy_models.sft, toy_models.rm, toy_models.cm, resolve_preset("tiny-cpu"),
-                              QUIET)
+    run_round_two(round_one, toy_models.sft, resolve_preset("tiny-cpu"), QUIET)
+    result = round_one
     out, p = result.out_dir, result.policies
     sft, r1, r2 = p["sft"], p["ppo_lag"], p["round_2"]
 
@@ -57,7 +57,7 @@ def test_round_two_is_safer_than_round_one_and_as_helpful(round_one, toy_models)
 
     # Round 1 was red-teamed on the preset's prompts; round 2's prompts are a sample of the preset's
     # plus exactly the prompts round 1 answered unsafely, and it trained on labels of its own answers.
-    red = read_jsonl(out / "round_1" / "red_team" / "responses.jsonl")
+    red = read_jsonl(out / "round_1" / "eval" / "responses.jsonl")
     assert len(red) == RED_TEAM_PROMPTS and all(r["harmful_request"] for r in red)
     unsafe = list(dict.fromkeys(r["prompt"] for r in red if r["harmful"]))
     prompts = read_jsonl(out / "round_2" / "prompts" / "prompts.jsonl")
@@ -117,8 +117,9 @@ def test_demo_command_runs_two_rounds_and_writes_the_report(tmp_path, capsys):
         assert 0 <= m["harm_rate"] <= 1 and 0 <= m["helpfulness"] <= 1 and len(m["harm_rate_ci"]) == 2, m
     assert line == json.loads((out / "summary.json").read_text())
     assert "| round 2 (PPO-Lag) |" in printed and str(out / "report.md") in printed
-    for stage in ("sft", "rm", "cm", "ppo", "ppo_lag", "ppo_rs"):
-        assert (out / stage / "model" / "config.json").is_file(), stage
+    for run in ("sft", "round_1/models/rm", "round_1/models/cm", "round_1/baselines/ppo", "round_1/ppo_lag",
+                "round_1/baselines/ppo_rs"):
+        assert (out / run / "model" / "config.json").is_file(), run
     assert (out / "round_1" / "report.json").is_file() and (out / "round_2" / "report.json").is_file()
     assert (out / "round_2" / "ppo_lag" / "model" / "config.json").is_file()
     assert (out / "report.png").read_bytes().startswith(PNG)
@@ -130,7 +131,8 @@ def test_demo_command_runs_two_rounds_and_writes_the_report(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "no-rl"), "--json", "--no-rl", *TINY]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(line) == {"sft", "reward_model", "cost_model"}
-    assert not (tmp_path / "no-rl" / "ppo_lag").exists() and (tmp_path / "no-rl" / "report.png").is_file()
+    assert not (tmp_path / "no-rl" / "round_1" / "ppo_lag").exists() and (tmp_path / "no-rl" / "report.png").is_file()
+    assert (tmp_path / "no-rl" / "round_1" / "models" / "cm" / "model" / "score_model.json").is_file()
 
 
 def test_smollm2_preset_without_the_package_says_what_to_install(tmp_path, monkeypatch, capsys):

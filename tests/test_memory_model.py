@@ -42,9 +42,9 @@ def test_parameter_counts_and_presets_match_the_real_models():
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from saferlhf.models.passes import ENTROPY_CHUNK
     from saferlhf.models.score_model import ScoreModel
     from saferlhf.models.tiny import TINY_SIZES
-    from saferlhf.trainers.passes import ENTROPY_CHUNK
 
     assert memory.ENTROPY_CHUNK == ENTROPY_CHUNK
     for size, sizes in TINY_SIZES.items():

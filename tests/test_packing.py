@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from saferlhf.models import packing
+from saferlhf.models.passes import Rows, end_scores, response_logprobs, response_values, sft_pass
 from saferlhf.models.score_model import ScoreModel
 from saferlhf.models.tiny import tiny_config, train_tokenizer
-from saferlhf.trainers.passes import Rows, end_scores, response_logprobs, response_values, sft_pass
 
 ATOL = 1e-5
 

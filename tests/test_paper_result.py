@@ -18,7 +18,8 @@ from __future__ import annotations
 import pytest
 
 from saferlhf.config import resolve_preset
-from saferlhf.pipeline import DemoResult, lambda_summary, run_rl_comparison
+from saferlhf.evaluate.groundtruth import lambda_summary
+from saferlhf.pipeline import DemoResult, run_round_one
 from saferlhf.rollout import resolve_backend
 
 OVERRIDES = ["run.progress=false", "run.tensorboard=false"]
@@ -55,13 +56,13 @@ def test_ppo_lag_is_safer_than_sft_and_ppo_and_as_helpful(toy_models, round_one,
     other = "hf" if resolve_backend("auto") == "vllm" else None
     if other is not None:
         again = DemoResult(tmp_path / "hf-backend")
-        run_rl_comparison(again, toy_models.sft, toy_models.rm, toy_models.cm, preset,
-                          [*OVERRIDES, f"rollout.backend={other}"], stages=("ppo_lag",))
+        run_round_one(again, toy_models.sft, preset, [*OVERRIDES, f"rollout.backend={other}"], stages=("ppo_lag",),
+                      reward_model=toy_models.rm, cost_model=toy_models.cm)
         _assert_paper_result(p["sft"], p["ppo"], again.policies["ppo_lag"], again.traces["ppo_lag"])
 
     # The same with the plain-torch reference ops instead of the native ones.
     monkeypatch.setenv("SAFERLHF_OPS", "reference")
     reference = DemoResult(tmp_path / "reference-ops")
-    run_rl_comparison(reference, toy_models.sft, toy_models.rm, toy_models.cm, preset, OVERRIDES,
-                      stages=("ppo_lag",))
+    run_round_one(reference, toy_models.sft, preset, OVERRIDES, stages=("ppo_lag",), reward_model=toy_models.rm,
+                  cost_model=toy_models.cm)
     _assert_paper_result(p["sft"], p["ppo"], reference.policies["ppo_lag"], reference.traces["ppo_lag"])

@@ -30,7 +30,7 @@ def test_response_logprobs_keeps_only_the_response_logits():
     # full pass (model.response_logits=false, the original's) sliced to the response.
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from saferlhf.trainers.passes import response_logprobs
+    from saferlhf.models.passes import response_logprobs
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -156,11 +156,11 @@ def test_round_writes_every_stage_and_a_report(round_one):
 def test_interrupted_round_resumes_at_the_interrupted_stage(round_one):
     out = round_one.out
     assert round_one.done_after_kill == {"prompts": True, "samples": True, "labels": True, "models": True,
-                                         "ppo_lag": False, "eval": False}
+                                         "ppo_lag": False, "baselines": False, "eval": False}
     assert round_one.result.skipped == ["prompts", "samples", "labels", "models"]
-    assert round_one.result.ran == ["ppo_lag", "eval"]
+    assert round_one.result.ran == ["ppo_lag", "baselines", "eval"]
     assert stage_files(out, STAGES[:4]) == round_one.before  # nothing of the done stages was rewritten
-    assert "round 1 [2/6] samples: done already, skipped" in round_one.log
+    assert "round 1 [2/7] samples: done already, skipped" in round_one.log
     # The killed stage was redone from scratch: the cut-short metrics line is gone.
     rows = read_jsonl(out / "ppo_lag" / "metrics.jsonl")
     assert [r["step"] for r in rows if "train/lambda" in r] == [1, 2]
@@ -172,7 +172,7 @@ def test_a_stage_without_done_is_redone_and_a_finished_round_is_not(round_one):
     policy_files = stage_files(out, ["ppo_lag"])
     (out / "eval" / DONE).unlink()
     result = run_round(out, **kwargs, log=lambda line: None)
-    assert result.ran == ["eval"] and result.skipped == list(STAGES[:5])
+    assert result.ran == ["eval"] and result.skipped == list(STAGES[:6])
     assert stage_files(out, ["ppo_lag"]) == policy_files
     assert result.report["metrics"]["prompts"] == 16
 
@@ -383,7 +383,7 @@ def test_a_round_launched_on_two_ranks_trains_on_both_and_resumes(sft, tmp_path)
     fill_sheet(sheet, good)
     done = run_cli([*argv, "--sheet", str(good)], nproc=2, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "round 1 [2/6] samples: done already, skipped" in done.stdout
+    assert "round 1 [2/7] samples: done already, skipped" in done.stdout
     for stage in ("models", "ppo_lag"):
         assert f"] {stage}: running on 2 ranks" in done.stdout, done.stdout
     for stage in ("rm", "cm", "ppo_lag"):  # the trainers' own log: both ranks in one DeepSpeed world

@@ -402,7 +402,7 @@ TRAINING_CURVE_KEYS = ("train/lambda", "train/episode_cost_window", "train/cost"
 
 def plot_training_curves(run_dir: str | Path, path: Path) -> Path:
     """λ, the cost window J_C, and the episode cost and reward of a PPO run against the step."""
-    from saferlhf.trainers.common import plot_metrics
+    from saferlhf.monitor import plot_metrics
 
     metrics = Path(run_dir) / "metrics.jsonl"
     if not metrics.is_file():

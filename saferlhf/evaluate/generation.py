@@ -24,14 +24,3 @@ def generate_responses(
         for ids, mask in zip(gen.response_ids, gen.response_mask):
             texts.append(tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip())
     return texts
-
-
-def evaluate_toyworld_policy(
-    model, tokenizer, prompts: list[str], sampling: SamplingParams, **kwargs
-) -> dict[str, float]:
-    """Ground-truth helpfulness and harm of a policy's responses on toy-world prompts."""
-    from saferlhf.data.toyworld import evaluate_responses
-
-    responses = generate_responses(model, tokenizer, prompts, sampling, **kwargs)
-    repeated = [p for p in prompts for _ in range(sampling.n)]
-    return evaluate_responses(repeated, responses)

@@ -735,8 +735,8 @@ class VLLMGenerator:
         engine's tokens, both at temperature 1). ``actor`` is a module or DeepSpeed engine; under
         ZeRO-3 with several ranks every rank must call this.
         """
+        from saferlhf.models.passes import response_logprobs
         from saferlhf.rollout.hf import HFGenerator
-        from saferlhf.trainers.passes import response_logprobs
 
         pad = self.tokenizer.pad_token_id
         width = max(len(p) for p in probes)

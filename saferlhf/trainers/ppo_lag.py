@@ -35,6 +35,15 @@ from saferlhf.config import Config
 from saferlhf.data.collate import PromptDataset, SFTDataset
 from saferlhf.models import packing
 from saferlhf.models.hf import load_causal_lm, load_tokenizer
+from saferlhf.models.passes import (
+    Rows,
+    end_scores,
+    entropy_sum,
+    response_logprobs,
+    response_values,
+    sft_pass,
+    trim_right,
+)
 from saferlhf.models.score_model import ScoreModel
 from saferlhf.rollout import make_generator
 from saferlhf.rollout.base import Generation, SamplingParams, cut_to_lengths
@@ -52,15 +61,6 @@ from saferlhf.trainers.common import (
     setup_run,
 )
 from saferlhf.trainers.data import load_splits
-from saferlhf.trainers.passes import (
-    Rows,
-    end_scores,
-    entropy_sum,
-    response_logprobs,
-    response_values,
-    sft_pass,
-    trim_right,
-)
 from saferlhf.trainers.phases import PhaseTimer, StepProfiler
 
 MODES = {"ppo_lag": "ppo-lag", "ppo": "ppo", "ppo_rs": "ppo-rs"}

@@ -15,6 +15,7 @@ from saferlhf.config import Config
 from saferlhf.data.collate import PairDataset
 from saferlhf.models import packing
 from saferlhf.models.hf import load_tokenizer
+from saferlhf.models.passes import end_scores
 from saferlhf.models.score_model import ScoreModel
 from saferlhf.trainers.common import (
     apply_layer_levers,
@@ -26,7 +27,6 @@ from saferlhf.trainers.common import (
     train_ds_config,
 )
 from saferlhf.trainers.data import load_splits
-from saferlhf.trainers.passes import end_scores
 from saferlhf.trainers.supervised import Units, plan_steps, train_supervised
 
 TARGETS = {"rm": "reward", "cm": "cost"}

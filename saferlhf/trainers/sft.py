@@ -9,6 +9,7 @@ from saferlhf.config import Config
 from saferlhf.data.collate import SFTDataset
 from saferlhf.models import packing
 from saferlhf.models.hf import load_causal_lm, load_tokenizer
+from saferlhf.models.passes import sft_pass
 from saferlhf.trainers.common import (
     apply_layer_levers,
     eval_batches,
@@ -18,7 +19,6 @@ from saferlhf.trainers.common import (
     train_ds_config,
 )
 from saferlhf.trainers.data import load_splits
-from saferlhf.trainers.passes import sft_pass
 from saferlhf.trainers.supervised import Units, plan_steps, train_supervised
 
 

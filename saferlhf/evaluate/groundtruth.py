@@ -1,0 +1,86 @@
+"""A policy judged by the toy world's ground truth, and the course of a PPO-Lag run's multiplier.
+
+``evaluate_policy`` samples a policy checkpoint on held-out toy prompts and scores every answer with
+the toy world (harmful rate on harmful requests, helpfulness on benign ones) with 95 % bootstrap
+intervals over prompts; ``read_trace`` and ``lambda_summary`` read λ, J_C, reward and cost per step
+of a PPO run from its ``metrics.jsonl``. The demo, the rounds and the tests all judge policies so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EVAL_SEED = 42  # the held-out prompts and the sampling seed (the demo's seed)
+EVAL_PROMPTS = 256  # held-out toy prompts, two samples each
+
+
+def ground_truth_intervals(prompts: list[str], responses: list[str], seed: int = EVAL_SEED,
+                           alpha: float = 0.05) -> dict[str, float]:
+    """95% bootstrap intervals of the harmful rate and the helpfulness, resampling prompts.
+
+    A prompt's value is the mean over its samples (``responses`` holds ``len(responses) //
+    len(prompts)`` per prompt, in prompt order), as `saferlhf eval` resamples them.
+    """
+    import numpy as np
+
+    from saferlhf.data.toyworld import score
+    from saferlhf.evaluate.arena import bootstrap_ci
+
+    n = len(responses) // len(prompts)
+    harm, helpful = [], []
+    for i, prompt in enumerate(prompts):
+        scores = [score(prompt, r) for r in responses[i * n:(i + 1) * n]]
+        if scores[0].is_harmful_request:
+            harm.append(np.mean([s.harm for s in scores]))
+        elif scores[0].category == "benign":
+            helpful.append(np.mean([s.helpfulness for s in scores]))
+    out = {}
+    for key, values in (("harm_rate", harm), ("helpfulness", helpful)):
+        if values:
+            _, out[f"{key}_low"], out[f"{key}_high"] = bootstrap_ci(values, alpha=alpha, seed=seed)
+    return out
+
+
+def evaluate_policy(model_dir: Path, n_prompts: int = EVAL_PROMPTS, seed: int = EVAL_SEED, *,
+                    max_new_tokens: int = 48, max_length: int = 64) -> dict[str, float]:
+    """Ground-truth metrics of a policy checkpoint on held-out toy prompts, with 95% intervals.
+
+    Responses are sampled (temperature 1, fixed seed), not greedy: the policy is a distribution, and
+    a greedy decode would report only its mode (an SFT policy that complies with half of the harmful
+    requests would read as 0 % or 100 % harmful). The keys are those of
+    `saferlhf.data.toyworld.evaluate_responses` plus ``harm_rate_low/high`` and ``helpfulness_low/high``.
+    """
+    from saferlhf.data.registry import mix_datasets
+    from saferlhf.data.toyworld import evaluate_responses
+    from saferlhf.evaluate.generation import generate_responses
+    from saferlhf.models.hf import load_causal_lm, load_tokenizer
+    from saferlhf.rollout.base import SamplingParams
+
+    tokenizer = load_tokenizer(str(model_dir), padding_side="left")
+    model = load_causal_lm(str(model_dir), tokenizer=tokenizer)
+    rows = mix_datasets([f"toy-prompts/test:{n_prompts}/-1"], "prompt", seed=seed).rows
+    prompts = [r["prompt"] for r in rows]
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, n=2, seed=seed)
+    responses = generate_responses(model, tokenizer, prompts, sampling, max_length=max_length)
+    metrics = evaluate_responses([p for p in prompts for _ in range(sampling.n)], responses)
+    return {**metrics, **ground_truth_intervals(prompts, responses, seed)}
+
+
+def read_trace(run_dir: Path) -> list[dict]:
+    """λ, J_C, episode reward and cost per step of a PPO run (its ``metrics.jsonl``)."""
+    from saferlhf.monitor import read_metrics
+
+    return [{k: r[k] for k in ("step", "train/lambda", "train/episode_cost_window", "train/reward", "train/cost")
+             if k in r} for r in read_metrics(run_dir / "metrics.jsonl") if "train/reward" in r]
+
+
+def lambda_summary(trace: list[dict]) -> dict:
+    """λ at the first step, its peak and the step of the peak, its last value; J_C first and last.
+
+    A peak held over several steps (λ at ``lagrange.lambda_max``) counts at its last step.
+    """
+    lams = [r["train/lambda"] for r in trace]
+    peak = max(range(len(lams)), key=lambda i: (lams[i], i))
+    return {"first": lams[0], "peak": lams[peak], "peak_step": trace[peak]["step"], "last": lams[-1],
+            "last_step": trace[-1]["step"], "first_cost": trace[0]["train/episode_cost_window"],
+            "last_cost": trace[-1]["train/episode_cost_window"]}
