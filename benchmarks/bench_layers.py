@@ -11,7 +11,7 @@ Usage (needs a CUDA device; torch, triton and transformers only):
    for (200 calls back to back, host clock, no sync inside) — when it exceeds the device time, the
    op is launch-bound at that size.
 2. One update (forward + backward + AdamW) of a reward critic of the step benchmark's shape
-   (``bench_step.py --model gpu``, 16 layers of width 1024) on a mini-batch of 8 × 640 tokens:
+   (``bench_plain_step.py --model gpu``, 16 layers of width 1024) on a mini-batch of 8 × 640 tokens:
    transformers' own layers (``unfused``), the fused layers (``fused``) and the compiled decoder
    layers (``compiled``, ``saferlhf.models.compiled``), alternating; then a torch.profiler table of
    one update each (top operators by host time) written next to the JSON.
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_step  # noqa: E402  (imports saferlhf from this checkout)
+import bench_plain_step as bench_step  # noqa: E402  (imports saferlhf from this checkout)
 import gpu_suite  # noqa: E402
 
 from saferlhf.algorithms import value_loss  # noqa: E402

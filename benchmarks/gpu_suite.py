@@ -18,7 +18,7 @@ What it measures (issue 4 targets, H100):
   (32 sequences × 640 tokens);
 - then one PPO-Lagrangian step of a ~0.5B Llama with a 128k vocabulary, phase by phase, the
   original design's computation against the trainer's (fused ops, response-only LM head, fused and
-  compiled decoder layers), each lever also alone (``benchmarks/bench_step.py --model gpu
+  compiled decoder layers), each lever also alone (``benchmarks/bench_plain_step.py --model gpu
   --ablation``; it needs transformers too; skip with ``--no-step``).
 Before timing, every kernel is checked against its reference three ways (kernel, reference in the
 same dtype, reference in float64: err(kernel) ≤ 2·err(reference) + a few roundings).
@@ -429,7 +429,7 @@ def format_table(summary: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="also write the summary to this file")
-    parser.add_argument("--no-step", action="store_true", help="skip the PPO step benchmark (bench_step.py)")
+    parser.add_argument("--no-step", action="store_true", help="skip the PPO step benchmark (bench_plain_step.py)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_suite needs a CUDA device")
@@ -438,7 +438,7 @@ def main() -> None:
     if args.json is not None:  # the kernel results are kept even if the step benchmark fails
         args.json.write_text(json.dumps(summary) + "\n")
     if not args.no_step:
-        import bench_step
+        import bench_plain_step as bench_step
 
         step = bench_step.measure("gpu", "cuda", steps=2, rounds=3, ablation=True)
         print(bench_step.format_table(step))

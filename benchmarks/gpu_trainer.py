@@ -6,7 +6,7 @@
     python benchmarks/gpu_trainer.py run --wheels benchmarks/wheels [--model gpu] [--zero 2,3] [--json FILE]
 
 ``run`` installs what is missing from ``--wheels`` (``pip --no-index``, into ``<out>/site``), builds a
-randomly initialised Llama of ``benchmarks/bench_step.py``'s shape (``gpu``: 16 layers of width 1024,
+randomly initialised Llama of ``benchmarks/bench_plain_step.py``'s shape (``gpu``: 16 layers of width 1024,
 the 128,256-token vocabulary of Llama 3, ~0.5B parameters) with the toy world's tokenizer, reward and
 cost score models on the same backbone, and then, for every ZeRO stage of ``--zero`` and with packed
 and padded passes, runs ``saferlhf sft``, ``saferlhf rm`` and ``saferlhf ppo-lag`` (``rollout.backend=hf``:
@@ -14,7 +14,7 @@ no vLLM on the image) for ``--steps`` steps each, in bf16, as fresh processes. I
 median seconds per step after the first, tokens per second and peak memory, per PPO phase the
 median seconds and peak memory, and ``packed_speedup`` (training side of PPO-Lag, padded / packed).
 
-Last, the plain-torch step benchmark (``bench_step.py``) runs the same model on the trainer's batch
+Last, the plain-torch step benchmark (``bench_plain_step.py``) runs the same model on the trainer's batch
 (rollout, mini-batch, prompt and answer lengths, fixed answers of ``--answer`` tokens) and the ratio of
 the trainer's training-side time per step (ZeRO-2, padded) to it says whether the trainer is as fast
 as its plain-torch benchmark. Everything is printed as one table and one JSON line.
@@ -93,9 +93,9 @@ def install_missing(wheels: Path | None, site: Path) -> None:
 
 
 def build_models(out: Path, model: str) -> dict[str, Path]:
-    """Actor, reward and cost checkpoints of bench_step.py's ``model`` shape with the toy tokenizer."""
+    """Actor, reward and cost checkpoints of bench_plain_step.py's ``model`` shape with the toy tokenizer."""
     sys.path.insert(0, str(HERE))
-    from bench_step import MODELS as SHAPES  # noqa: E402
+    from bench_plain_step import MODELS as SHAPES  # noqa: E402
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from saferlhf.data import toyworld
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     run.add_argument("--answer", type=int, default=512, help="answer length cap (512)")
     run.add_argument("--lengths", default="", help="answer lengths (default uniform:64:<answer>)")
     run.add_argument("--out", type=Path, default=Path("runs/gpu-trainer"))
-    run.add_argument("--no-bench-step", action="store_true", help="skip the plain-torch comparison")
+    run.add_argument("--no-plain-step", action="store_true", help="skip the plain-torch comparison")
     run.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.command == "prepare":
@@ -222,10 +222,10 @@ def main(argv=None) -> int:
         runs = report["runs"]
         report[f"zero{zero}_packed_speedup"] = (runs[f"zero{zero}-padded"]["ppo-lag"]["train"]
                                                 / runs[f"zero{zero}-packed"]["ppo-lag"]["train"])
-    if not args.no_bench_step:
+    if not args.no_plain_step:
         # The trainer at ZeRO-2 with fixed answers against the plain-torch benchmark on the same batch.
-        from bench_step import SHAPES as STEP_SHAPES
-        from bench_step import measure
+        from bench_plain_step import SHAPES as STEP_SHAPES
+        from bench_plain_step import measure
 
         name = "bench-fixed"
         run_dir = args.out / name
@@ -243,7 +243,7 @@ def main(argv=None) -> int:
                         prompt_len=prompt, response_len=args.answer)
         plain = measure(args.model, args.device, steps=2, rounds=1, shape=shape)
         plain_train = plain["configs"]["saferlhf"]["training_s"]
-        report["bench_step"] = {"trainer_train_s": trainer["train"], "plain_torch_train_s": plain_train,
+        report["plain_step"] = {"trainer_train_s": trainer["train"], "plain_torch_train_s": plain_train,
                                 "ratio": trainer["train"] / plain_train, "prompt_len": prompt}
     report["seconds"] = time.perf_counter() - t0
     print(format_report(report))
@@ -280,8 +280,8 @@ def format_report(report: dict) -> str:
     for key, value in report.items():
         if key.endswith("_packed_speedup"):
             lines.append(f"{key}: {value:.2f}x (PPO-Lag training side, padded / packed)")
-    if "bench_step" in report:
-        b = report["bench_step"]
+    if "plain_step" in report:
+        b = report["plain_step"]
         lines.append(f"trainer vs plain torch (ZeRO-2, padded, fixed answers): {b['trainer_train_s']:.3f} s / "
                      f"{b['plain_torch_train_s']:.3f} s = {b['ratio']:.2f}")
     return "\n".join(lines)

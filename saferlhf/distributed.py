@@ -299,10 +299,6 @@ def unwrap(engine_or_module: Any) -> torch.nn.Module:
     return getattr(engine_or_module, "module", engine_or_module)
 
 
-def is_zero3(module: torch.nn.Module) -> bool:
-    return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
 def full_state_dict(engine_or_module: Any, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
     """A full, CPU state dict of the module on rank 0 (None elsewhere): parameters and persistent buffers.
 
@@ -312,7 +308,9 @@ def full_state_dict(engine_or_module: Any, dtype: torch.dtype | None = None) -> 
     module = unwrap(engine_or_module)
     rank = dist.get_rank() if dist.is_initialized() else 0
     state: dict[str, torch.Tensor] = {}
-    zero3 = is_zero3(module)
+    from saferlhf.models.hf import is_zero3_partitioned
+
+    zero3 = is_zero3_partitioned(module)
     for name, param in module.named_parameters():
         if zero3:
             with deepspeed.zero.GatheredParameters([param], modifier_rank=None):

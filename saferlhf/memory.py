@@ -150,14 +150,22 @@ class ModelShape:
         return max(self.vocab * self.hidden, self.intermediate * self.hidden, self.heads * self.dim_head * self.hidden)
 
 
-# Llama shapes. "tiny" and "20m": saferlhf.models.tiny.TINY_SIZES with the toy world's 512-token
-# vocabulary; "gpu-0.5b": the "gpu" model of benchmarks/bench_step.py (Llama 3 vocabulary).
+def _shape(size: str, name: str) -> ModelShape:
+    """A shape of ``saferlhf.models.tiny.TINY_SIZES`` with its benchmark vocabulary."""
+    from saferlhf.models.tiny import BENCHMARK_VOCAB, TINY_SIZES
+
+    t = TINY_SIZES[size]
+    return ModelShape(t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"], t["num_key_value_heads"],
+                      t["intermediate_size"], BENCHMARK_VOCAB[size], name=name)
+
+
+# Llama shapes. "tiny", "20m" and "gpu-0.5b" (the benchmarks' "gpu" model): saferlhf.models.tiny's.
 PRESETS: dict[str, ModelShape] = {
     s.name: s
     for s in (
-        ModelShape(128, 2, 4, 2, 320, 512, name="tiny"),
-        ModelShape(512, 6, 8, 8, 1408, 512, name="20m"),
-        ModelShape(1024, 16, 16, 8, 4096, 128256, name="gpu-0.5b"),
+        _shape("tiny", "tiny"),
+        _shape("20m", "20m"),
+        _shape("gpu", "gpu-0.5b"),
         ModelShape(4096, 32, 32, 32, 11008, 32000, name="llama-7b"),
         ModelShape(5120, 40, 40, 40, 13824, 32000, name="llama-13b"),
         ModelShape(8192, 80, 64, 8, 28672, 32000, name="llama-2-70b"),

@@ -91,7 +91,7 @@ def test_scores_use_the_trainers_layout(tiny):
 
     scorer = load_scorer(tiny["rm"], torch.device("cpu"))
     prompt, response = "how do i bake bread ?", "sure . first mix flour"
-    (got,) = scorer([prompt], [response])
+    (got,) = scorer.texts([prompt], [response])
     row = {"prompt": prompt, "response_0": response, "response_1": "no", "is_response_0_safe": True,
            "is_response_1_safe": True, "better_response_id": 0, "safer_response_id": 0}
     pairs = PairDataset([row], scorer.tokenizer, 512, chat_template=scorer.chat_template)

@@ -37,5 +37,5 @@ def test_the_script_runs_every_stage_packed_and_padded_and_compares_with_the_pla
         for phase in ("generate", "score", "actor", "critics"):
             assert run["ppo-lag"][phase] > 0
     assert report["zero2_packed_speedup"] > 0
-    assert report["bench_step"]["ratio"] > 0 and report["bench_step"]["prompt_len"] > 0
+    assert report["plain_step"]["ratio"] > 0 and report["plain_step"]["prompt_len"] > 0
     assert "trainer vs plain torch" in result.stdout

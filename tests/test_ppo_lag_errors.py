@@ -13,12 +13,13 @@ from transformers import LlamaConfig
 from saferlhf.data import toyworld
 from saferlhf.models.hf import load_tokenizer
 from saferlhf.models.score_model import ScoreModel
+from saferlhf.models.scorer import Scorer
 from saferlhf.models.tiny import train_tokenizer
 from saferlhf.rollout.hf import HFGenerator
 from saferlhf.rollout.vllm_engine import VLLMGenerator
 from saferlhf.trainers import ppo_lag
 from saferlhf.trainers.common import read_metrics
-from saferlhf.trainers.ppo_lag import Scorer, train_ppo
+from saferlhf.trainers.ppo_lag import train_ppo
 
 
 def _cfg(toy_models, out_dir, *extra):
@@ -126,7 +127,7 @@ def test_a_scorer_with_another_tokenizer_re_tokenizes_the_text():
                          num_attention_heads=2, num_key_value_heads=2, pad_token_id=scorer_tok.pad_token_id)
     torch.manual_seed(0)
     model = ScoreModel.from_config(config).eval()
-    scorer = Scorer(model, scorer_tok, actor_tok, max_length=64, device=torch.device("cpu"))
+    scorer = Scorer(model, scorer_tok, max_length=64, actor_tokenizer=actor_tok)
     assert not scorer.same_tokenizer
     texts = ["how do i bake bread", "lorem ipsum"]
     actor_tok.padding_side = "left"

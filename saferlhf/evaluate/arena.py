@@ -98,9 +98,13 @@ def bootstrap_ci(
     return estimate, float(low), float(high)
 
 
-def _ci(values: np.ndarray, n_boot: int, alpha: float, seed: int) -> dict:
+def interval(values: np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict | None:
+    """``{"estimate", "low", "high", "n"}`` of the mean of ``values`` (`bootstrap_ci`); None when there are none."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return None
     estimate, low, high = bootstrap_ci(values, n_boot=n_boot, alpha=alpha, seed=seed)
-    return {"estimate": estimate, "low": low, "high": high}
+    return {"estimate": estimate, "low": low, "high": high, "n": int(values.size)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,9 +183,9 @@ def _outcomes(diff: np.ndarray, tie_tol: float, n_boot: int, alpha: float, seed:
     tie = ~(win | loss)
     return {
         "wins": int(win.sum()), "ties": int(tie.sum()), "losses": int(loss.sum()),
-        "win_rate": _ci(win, n_boot, alpha, seed),
-        "tie_rate": _ci(tie, n_boot, alpha, seed),
-        "loss_rate": _ci(loss, n_boot, alpha, seed),
+        "win_rate": interval(win, n_boot, alpha, seed),
+        "tie_rate": interval(tie, n_boot, alpha, seed),
+        "loss_rate": interval(loss, n_boot, alpha, seed),
     }
 
 
@@ -240,7 +244,8 @@ def arena(
     boot = {"n_boot": n_boot, "alpha": alpha, "seed": seed}
 
     def per_model(reward: np.ndarray, cost: np.ndarray, safe: np.ndarray) -> dict:
-        return {"harmful_rate": _ci(~safe, **boot), "mean_reward": _ci(reward, **boot), "mean_cost": _ci(cost, **boot)}
+        return {"harmful_rate": interval(~safe, **boot), "mean_reward": interval(reward, **boot),
+                "mean_cost": interval(cost, **boot)}
 
     return {
         "models": [a, b],

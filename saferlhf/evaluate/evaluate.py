@@ -30,7 +30,6 @@ Ground-truth rates follow `toyworld.evaluate_responses`: ``harm_rate`` over harm
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -41,14 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saferlhf.data.collate import (
-    PromptDataset,
-    encode_prompts,
-    encode_responses,
-    fit_to_length,
-    format_prompt,
-)
-from saferlhf.evaluate.arena import ArenaError, arena, bootstrap_ci, markdown_report, write_report
+from saferlhf.evaluate.arena import ArenaError, arena, interval, markdown_report, write_report
+from saferlhf.models.scorer import Scorer
 from saferlhf.rollout.base import SamplingParams
 
 TEMPLATES = ("auto", "chat", "paper")
@@ -159,42 +152,6 @@ def load_policy(path: str | Path, device: torch.device, dtype: str = "float32", 
     return Policy(path, model, tokenizer, use_chat_template(path, tokenizer, template))
 
 
-@dataclass
-class Scorer:
-    """A frozen reward or cost model with its own tokenizer and prompt template."""
-
-    path: Path
-    model: torch.nn.Module
-    tokenizer: object
-    chat_template: bool
-    max_length: int = 512
-
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], responses: Sequence[str], batch_size: int = 32,
-                 show_progress: bool = False, desc: str = "score") -> list[float]:
-        """End scores of (prompt, response) pairs, laid out as the preference trainer lays out pairs."""
-        from tqdm.auto import tqdm
-
-        tok = self.tokenizer
-        prompt_ids = encode_prompts(tok, [format_prompt(p, tok, self.chat_template) for p in prompts])
-        response_ids = encode_responses(tok, list(responses), self.chat_template)
-        seqs = []
-        for p, r in zip(prompt_ids, response_ids):
-            p, (r,), _ = fit_to_length(p, [r], self.max_length, tok.bos_token_id)
-            seqs.append(torch.tensor(p + r, dtype=torch.long))
-        device = next(self.model.parameters()).device
-        scores: list[float] = []
-        for start in tqdm(range(0, len(seqs), batch_size), desc=desc, unit="batch", disable=not show_progress,
-                          leave=False, dynamic_ncols=True):
-            chunk = seqs[start:start + batch_size]
-            ids = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True, padding_value=tok.pad_token_id)  # (B, L)
-            lengths = torch.tensor([len(s) for s in chunk])  # (B,)
-            mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()  # (B, L), right padding
-            out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            scores += out.end_scores.float().cpu().tolist()  # one host sync per batch
-        return scores
-
-
 def load_scorer(path: str | Path, device: torch.device, dtype: str = "float32", what: str = "--reward-model",
                 max_length: int = 512) -> Scorer:
     """A score model, prompted as it was trained (``template="auto"``: its run's ``config.yaml``)."""
@@ -204,43 +161,21 @@ def load_scorer(path: str | Path, device: torch.device, dtype: str = "float32", 
     path = _check_model_dir(path, what, score_model=True)
     tokenizer = load_tokenizer(str(path), padding_side="right")
     model = ScoreModel.from_pretrained(str(path), dtype=dtype, tokenizer=tokenizer).to(device).eval()
-    return Scorer(path, model, tokenizer, use_chat_template(path, tokenizer, "auto"), max_length)
+    return Scorer(model, tokenizer, max_length, chat_template=use_chat_template(path, tokenizer, "auto"))
 
 
 # ---------------------------------------------------------------------------------------------
 # Generation and scoring
 
 
-@torch.no_grad()
 def generate(policy: Policy, prompts: Sequence[str], sampling: SamplingParams, *, batch_size: int = 32,
              max_length: int = 512, show_progress: bool = True, desc: str = "generate") -> list[dict]:
-    """One record per (prompt, sample), in prompt order: ``prompt_index, prompt, sample, response,
-    response_tokens, finished`` (finished: the answer ended with eos rather than at max_new_tokens)."""
-    from tqdm.auto import tqdm
+    """The policy's answers as records (`saferlhf.evaluate.generation.generate_records`)."""
+    from saferlhf.evaluate.generation import generate_records
 
-    from saferlhf.rollout.hf import HFGenerator
-
-    tok = policy.tokenizer
-    dataset = PromptDataset([{"prompt": p} for p in prompts], tok, max_length, chat_template=policy.chat_template)
-    generator = HFGenerator(policy.model, tok, synced_gpus=False)
-    eos = tok.eos_token_id
-    records: list[dict] = []
-    starts = range(0, len(dataset), batch_size)
-    for b, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not show_progress, dynamic_ncols=True)):
-        batch = dataset.collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        # A seed per batch: reproducible, and batches do not repeat each other's random draws.
-        seeded = sampling if sampling.seed is None else dataclasses.replace(sampling, seed=sampling.seed + b)
-        gen = generator.generate(batch.input_ids, batch.attention_mask, seeded)
-        for row, (ids, mask) in enumerate(zip(gen.response_ids, gen.response_mask)):
-            real = ids[mask.bool()]  # (t,)
-            i = start + row // sampling.n
-            records.append({
-                "prompt_index": i, "prompt": prompts[i], "sample": row % sampling.n,
-                "response": tok.decode(real, skip_special_tokens=True).strip(),
-                "response_tokens": int(real.numel()),
-                "finished": bool(real.numel() > 0 and int(real[-1]) == eos),
-            })
-    return records
+    return generate_records(policy.model, policy.tokenizer, list(prompts), sampling, batch_size=batch_size,
+                            max_length=max_length, chat_template=policy.chat_template, show_progress=show_progress,
+                            desc=desc)
 
 
 def is_toy_prompt_set(prompts: Sequence[str]) -> bool:
@@ -266,7 +201,8 @@ def score_records(records: list[dict], reward: Scorer | None, cost: Scorer | Non
     prompts = [r["prompt"] for r in records]
     responses = [r["response"] for r in records]
     for key, scorer in (("reward", reward), ("cost", cost)):
-        values = scorer(prompts, responses, batch_size, show_progress, desc=key) if scorer else [None] * len(records)
+        values = scorer.texts(prompts, responses, batch_size, show_progress, desc=key) if scorer else \
+            [None] * len(records)
         for r, v in zip(records, values):
             r[key] = v
 
@@ -287,13 +223,6 @@ def _per_prompt_means(records: Sequence[dict], field: str, subset: str = "all") 
     return np.array([np.mean(v) for v in sums.values()], dtype=np.float64)
 
 
-def _ci(values: np.ndarray, n_boot: int, alpha: float, seed: int) -> dict | None:
-    if values.size == 0:
-        return None
-    estimate, low, high = bootstrap_ci(values, n_boot=n_boot, alpha=alpha, seed=seed)
-    return {"estimate": estimate, "low": low, "high": high, "n": int(values.size)}
-
-
 def summarize(records: Sequence[dict], *, ground_truth: bool, n_boot: int = 1000, alpha: float = 0.05,
               seed: int = 0) -> dict:
     """``{"metrics": {reward, cost, harmful_rate}, "ground_truth": {...} | None}``; each value is
@@ -301,14 +230,14 @@ def summarize(records: Sequence[dict], *, ground_truth: bool, n_boot: int = 1000
     boot = {"n_boot": n_boot, "alpha": alpha, "seed": seed}
     metrics: dict[str, dict | None] = {"reward": None, "cost": None, "harmful_rate": None}
     if records and records[0]["reward"] is not None:
-        metrics["reward"] = _ci(_per_prompt_means(records, "reward"), **boot)
+        metrics["reward"] = interval(_per_prompt_means(records, "reward"), **boot)
     if records and records[0]["cost"] is not None:
-        metrics["cost"] = _ci(_per_prompt_means(records, "cost"), **boot)
+        metrics["cost"] = interval(_per_prompt_means(records, "cost"), **boot)
         unsafe = [{**r, "unsafe": r["cost"] > 0} for r in records]
-        metrics["harmful_rate"] = _ci(_per_prompt_means(unsafe, "unsafe"), **boot)
+        metrics["harmful_rate"] = interval(_per_prompt_means(unsafe, "unsafe"), **boot)
     truth = None
     if ground_truth:
-        truth = {key: _ci(_per_prompt_means(records, field, subset), **boot)
+        truth = {key: interval(_per_prompt_means(records, field, subset), **boot)
                  for key, subset, field, _ in _TRUTH_METRICS}
     return {"metrics": metrics, "ground_truth": truth}
 

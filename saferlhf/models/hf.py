@@ -214,3 +214,16 @@ def convert_smollm2(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(loaded.state_dict())
     return save_causal_lm(model, out_dir, tokenizer=tokenizer)
+
+
+def is_zero3_partitioned(model) -> bool:
+    """Whether ``model`` (a DeepSpeed engine or a module) has ZeRO-3 partitioned parameters.
+
+    Checked without importing deepspeed: an engine reports its ZeRO stage, and a partitioned
+    parameter carries DeepSpeed's ``ds_id`` attribute (also under a bare ``deepspeed.zero.Init``).
+    """
+    stage = getattr(model, "zero_optimization_stage", None)
+    if callable(stage) and stage() == 3:
+        return True
+    module = getattr(model, "module", model)
+    return any(hasattr(p, "ds_id") for p in module.parameters())

@@ -46,8 +46,10 @@ CHAT_TEMPLATE = (
 _SPACE = "▁"
 _BASE_ALPHABET = [c for c in string.printable if c != " "] + [_SPACE]
 
-# Llama shapes, vocabulary excluded (it comes from the tokenizer). Head size 32 in "tiny" (not 16)
-# because vLLM's CPU attention supports head sizes >= 32 only.
+# Llama shapes, vocabulary excluded (it comes from the tokenizer): the one definition the toy world, the
+# benchmarks and the memory model share. Head size 32 in "tiny" (not 16) because vLLM's CPU attention supports
+# head sizes >= 32 only. "gpu": 16 layers of width 1024 (~0.5B parameters with Llama 3's vocabulary, half
+# of them the embedding and LM head).
 TINY_SIZES: dict[str, dict[str, int]] = {
     # ≈ 0.48M parameters with a 512-token vocabulary
     "tiny": dict(
@@ -65,7 +67,16 @@ TINY_SIZES: dict[str, dict[str, int]] = {
         num_key_value_heads=8,
         intermediate_size=1408,
     ),
+    "gpu": dict(
+        hidden_size=1024,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        intermediate_size=4096,
+    ),
 }
+# The vocabulary each shape is benchmarked with (the toy world's tokenizer has 512 tokens; "gpu": Llama 3's).
+BENCHMARK_VOCAB = {"tiny": 512, "20m": 512, "gpu": 128256}
 
 
 def train_tokenizer(

@@ -17,20 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from saferlhf.models.hf import is_zero3_partitioned
 from saferlhf.rollout.base import Generation, SamplingParams, response_mask_from_ids
-
-
-def is_zero3_partitioned(model) -> bool:
-    """Whether ``model`` (a DeepSpeed engine or a module) has ZeRO-3 partitioned parameters.
-
-    Checked without importing deepspeed: an engine reports its ZeRO stage, and a partitioned
-    parameter carries DeepSpeed's ``ds_id`` attribute (also under a bare ``deepspeed.zero.Init``).
-    """
-    stage = getattr(model, "zero_optimization_stage", None)
-    if callable(stage) and stage() == 3:
-        return True
-    module = getattr(model, "module", model)
-    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def needs_synced_gpus(model) -> bool:

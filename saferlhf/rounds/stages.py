@@ -121,21 +121,15 @@ class _Sampler:
 
     def pairs(self, prompts: list[str], seed: int, desc: str) -> list[tuple[str, str]]:
         from saferlhf.evaluate.generation import generate_responses
-        from saferlhf.monitor import progress
         from saferlhf.rollout.base import SamplingParams
 
         cfg = self.cfg
-        out: list[tuple[str, str]] = []
-        starts = range(0, len(prompts), self.batch_size)
-        for b, start in enumerate(progress(starts, desc=desc, enabled=cfg.run.progress)):
-            # A seed per batch: batches do not repeat each other's random draws.
-            sampling = SamplingParams(n=2, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                      max_new_tokens=cfg.rollout.max_new_tokens, seed=seed + b)
-            texts = generate_responses(self.model, self.tokenizer, prompts[start:start + self.batch_size], sampling,
-                                       batch_size=self.batch_size, max_length=cfg.model.max_length,
-                                       chat_template=cfg.model.chat_template, generator=self.generator)
-            out += list(zip(texts[0::2], texts[1::2]))  # rows i·n + j: sample j of prompt i
-        return out
+        sampling = SamplingParams(n=2, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                  max_new_tokens=cfg.rollout.max_new_tokens, seed=seed)  # + batch index per batch
+        texts = generate_responses(self.model, self.tokenizer, prompts, sampling, batch_size=self.batch_size,
+                                   max_length=cfg.model.max_length, chat_template=cfg.model.chat_template,
+                                   generator=self.generator, show_progress=cfg.run.progress, desc=desc)
+        return list(zip(texts[0::2], texts[1::2]))  # rows i·n + j: sample j of prompt i
 
     def close(self) -> None:
         if self.backend == "vllm":

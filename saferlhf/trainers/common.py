@@ -178,16 +178,22 @@ def check_finite(name: str, value: torch.Tensor, step: int) -> None:
         raise FloatingPointError(f"non-finite {name} at step {step}: {value.detach().flatten()[:8].tolist()}")
 
 
-def train_ds_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed config of the stage's trained model, from the optim and deepspeed sections."""
-    # The loop marks the accumulation boundary itself (a step's passes depend on the token budget) and
-    # normalises the loss over the whole step, so DeepSpeed counts one micro-batch of the step's size.
+def engine_config(cfg: Config, world_size: int, *, train: bool = True, micro_batch_size: int | None = None,
+                  lr: float | None = None, weight_decay: float | None = None) -> dict:
+    """The DeepSpeed config of one engine of a stage, from the ``optim`` and ``deepspeed`` sections.
+
+    The loops mark the accumulation boundary themselves (a step's passes depend on the token budget) and
+    normalise each loss over the whole step, so DeepSpeed counts one micro-batch of the step's size
+    (``micro_batch_size``; default the supervised step's, micro-batch × accumulation). ``train=False``:
+    a frozen model (no optimizer). ``lr`` and ``weight_decay`` default to ``optim``'s (the critics have
+    their own).
+    """
     o, d = cfg.optim, cfg.deepspeed
     return distributed.ds_config(
-        micro_batch_size=o.micro_batch_size * o.gradient_accumulation, gradient_accumulation=1,
+        micro_batch_size=micro_batch_size or o.micro_batch_size * o.gradient_accumulation, gradient_accumulation=1,
         world_size=world_size, zero_stage=d.zero_stage, offload=d.offload, bf16=d.bf16, fp16=d.fp16,
-        max_grad_norm=o.max_grad_norm, lr=o.lr, betas=tuple(o.adam_betas), eps=o.adam_eps,
-        weight_decay=o.weight_decay,
+        max_grad_norm=o.max_grad_norm, lr=o.lr if lr is None else lr, betas=tuple(o.adam_betas), eps=o.adam_eps,
+        weight_decay=o.weight_decay if weight_decay is None else weight_decay, train=train,
     )
 
 

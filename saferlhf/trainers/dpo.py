@@ -32,12 +32,12 @@ from saferlhf.models.hf import load_causal_lm, load_tokenizer
 from saferlhf.models.packing import pack
 from saferlhf.trainers.common import (
     apply_layer_levers,
+    engine_config,
     eval_batches,
     logger,
     plot_metrics,
     save_model,
     setup_run,
-    train_ds_config,
 )
 from saferlhf.trainers.data import load_splits
 from saferlhf.trainers.supervised import Units, plan_steps, train_supervised
@@ -89,16 +89,6 @@ def dpo_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: 
     return out.loss, metrics
 
 
-def _reference_ds_config(cfg: Config, world_size: int) -> dict:
-    """The frozen reference's DeepSpeed config: the policy's ZeRO stage and precision, no optimizer."""
-    o, d = cfg.optim, cfg.deepspeed
-    return distributed.ds_config(
-        micro_batch_size=o.micro_batch_size * o.gradient_accumulation, gradient_accumulation=1,
-        world_size=world_size, zero_stage=d.zero_stage, offload=d.offload, bf16=d.bf16, fp16=d.fp16,
-        train=False,
-    )
-
-
 def train_dpo(cfg: Config) -> dict[str, float]:
     """``saferlhf dpo``: fine-tune the policy with DPO and return its final metrics."""
     if cfg.dpo.label not in LABELS:
@@ -124,11 +114,11 @@ def train_dpo(cfg: Config) -> dict[str, float]:
                     cfg.model.max_length)
     plan = plan_steps(len(train_set), cfg)
     engine = distributed.make_engine(
-        load(cfg.model.gradient_checkpointing), train_ds_config(cfg, run.dist.world_size),
+        load(cfg.model.gradient_checkpointing), engine_config(cfg, run.dist.world_size),
         scheduler=cfg.optim.lr_scheduler, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps,
     )
     # The reference is the policy's start checkpoint, frozen; it only ever runs forwards.
-    reference = distributed.make_engine(load(False), _reference_ds_config(cfg, run.dist.world_size))
+    reference = distributed.make_engine(load(False), engine_config(cfg, run.dist.world_size, train=False))
 
     packed = packing.is_enabled(engine.module) and packing.is_enabled(reference.module)
 

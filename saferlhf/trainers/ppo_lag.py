@@ -37,7 +37,6 @@ from saferlhf.models import packing
 from saferlhf.models.hf import load_causal_lm, load_tokenizer
 from saferlhf.models.passes import (
     Rows,
-    end_scores,
     entropy_sum,
     response_logprobs,
     response_values,
@@ -45,6 +44,7 @@ from saferlhf.models.passes import (
     trim_right,
 )
 from saferlhf.models.score_model import ScoreModel
+from saferlhf.models.scorer import Scorer
 from saferlhf.rollout import make_generator
 from saferlhf.rollout.base import Generation, SamplingParams, cut_to_lengths
 from saferlhf.rollout.sync import WeightSyncError, bucketize, weight_groups
@@ -54,6 +54,7 @@ from saferlhf.trainers.common import (
     Run,
     apply_layer_levers,
     check_finite,
+    engine_config,
     logger,
     plot_metrics,
     progress,
@@ -82,29 +83,6 @@ class Experience:
     ret_c: torch.Tensor  # (N, T)
 
 
-class Scorer:
-    """A frozen reward or cost model; re-tokenizes the text when its tokenizer differs from the actor's."""
-
-    def __init__(self, engine, tokenizer, actor_tokenizer, max_length: int, device, packed: bool = False):
-        self.engine, self.tokenizer, self.device = engine, tokenizer, device
-        self.same_tokenizer = tokenizer.get_vocab() == actor_tokenizer.get_vocab()
-        self.actor_tokenizer, self.max_length = actor_tokenizer, max_length
-        self.packed = packed
-
-    @torch.no_grad()
-    def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.same_tokenizer:
-            return end_scores(self.engine, sequences.to(self.device), attention_mask.to(self.device),
-                              packed=self.packed)
-        # As in the original safe-rlhf: decode with the actor's tokenizer, encode with the scorer's.
-        texts = [self.actor_tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
-                 for ids, m in zip(sequences, attention_mask)]
-        enc = self.tokenizer([t + (self.tokenizer.eos_token or "") for t in texts], return_tensors="pt",
-                             padding=True, truncation=True, max_length=self.max_length, add_special_tokens=False)
-        return end_scores(self.engine, enc.input_ids.to(self.device), enc.attention_mask.to(self.device),
-                          packed=self.packed)
-
-
 def make_lagrange(cfg: Config):
     lg = cfg.lagrange
     if lg.method == "gradient":
@@ -115,18 +93,6 @@ def make_lagrange(cfg: Config):
         return PIDLagrangian(kp=lg.kp, ki=lg.ki, kd=lg.kd, threshold=lg.threshold, window=lg.window,
                              lambda_max=lg.lambda_max, lambda_init=lg.lambda_init, pool=distributed.all_reduce_sum)
     raise ValueError(f"lagrange.method must be gradient or pid, got {lg.method!r}")
-
-
-def _engine_config(cfg: Config, world: int, *, lr: float, weight_decay: float, train: bool) -> dict:
-    # One optimizer step per mini-batch: the trainer marks the last of its passes as the accumulation
-    # boundary itself (their number depends on the token budget), so DeepSpeed's own count is 1.
-    d, p = cfg.deepspeed, cfg.ppo
-    return distributed.ds_config(
-        micro_batch_size=p.mini_batch_size, gradient_accumulation=1, world_size=world,
-        zero_stage=d.zero_stage, offload=d.offload, bf16=d.bf16, fp16=d.fp16,
-        max_grad_norm=cfg.optim.max_grad_norm, lr=lr, betas=tuple(cfg.optim.adam_betas), eps=cfg.optim.adam_eps,
-        weight_decay=weight_decay, train=train,
-    )
 
 
 def _check_same_vocab(tok_a, name_a: str, tok_b, name_b: str) -> None:
@@ -193,14 +159,16 @@ class PPOLagTrainer:
         self.total_steps = p.total_steps if cfg.run.max_steps <= 0 else min(p.total_steps, cfg.run.max_steps)
         updates = self.total_steps * p.update_epochs * max(1, self._rollout_size() // p.mini_batch_size)
 
+        # One optimizer step per mini-batch: the loop marks the last of its passes as the boundary itself.
         def trained(model, lr, wd):
             return distributed.make_engine(
-                model, _engine_config(cfg, world, lr=lr, weight_decay=wd, train=True),
+                model, engine_config(cfg, world, micro_batch_size=p.mini_batch_size, lr=lr, weight_decay=wd),
                 scheduler=cfg.optim.lr_scheduler, warmup_steps=int(cfg.optim.warmup_ratio * updates),
                 total_steps=updates)
 
         def frozen(model):
-            return distributed.make_engine(model, _engine_config(cfg, world, lr=0.0, weight_decay=0.0, train=False))
+            return distributed.make_engine(model, engine_config(cfg, world, train=False,
+                                                                micro_batch_size=p.mini_batch_size))
 
         self.packed: dict[str, bool] = {}  # model → whether its passes run packed (model.packing)
         self.full_head = not cfg.model.response_logits  # the original's LM head over every position
@@ -221,13 +189,13 @@ class PPOLagTrainer:
         self.actor = trained(load("actor", actor_path), cfg.optim.lr, cfg.optim.weight_decay)
         self.ref = frozen(load("ref", actor_path))
         self.reward = Scorer(frozen(score_model("reward", p.reward_model)),
-                             load_tokenizer(p.reward_model, padding_side="right"), self.tokenizer,
-                             cfg.model.max_length, device, self.packed["reward"])
+                             load_tokenizer(p.reward_model, padding_side="right"), cfg.model.max_length,
+                             actor_tokenizer=self.tokenizer, packed=self.packed["reward"])
         self.cost = None
         if p.cost_model:
             self.cost = Scorer(frozen(score_model("cost", p.cost_model)),
-                               load_tokenizer(p.cost_model, padding_side="right"), self.tokenizer,
-                               cfg.model.max_length, device, self.packed["cost"])
+                               load_tokenizer(p.cost_model, padding_side="right"), cfg.model.max_length,
+                               actor_tokenizer=self.tokenizer, packed=self.packed["cost"])
         self.critic_r = trained(score_model("reward_critic", critic_paths["reward"]),
                                 p.critic_lr, p.critic_weight_decay)
         self.critic_c = None

@@ -19,12 +19,12 @@ from saferlhf.models.passes import end_scores
 from saferlhf.models.score_model import ScoreModel
 from saferlhf.trainers.common import (
     apply_layer_levers,
+    engine_config,
     eval_batches,
     logger,
     plot_metrics,
     save_model,
     setup_run,
-    train_ds_config,
 )
 from saferlhf.trainers.data import load_splits
 from saferlhf.trainers.supervised import Units, plan_steps, train_supervised
@@ -64,7 +64,7 @@ def train_preference(cfg: Config) -> dict[str, float]:
     train_set, eval_set = make(train_rows), make(eval_rows)
     plan = plan_steps(len(train_set), cfg)
     engine = distributed.make_engine(
-        model, train_ds_config(cfg, run.dist.world_size),
+        model, engine_config(cfg, run.dist.world_size),
         scheduler=cfg.optim.lr_scheduler, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps,
     )
     reg = cfg.score.regularization

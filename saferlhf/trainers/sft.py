@@ -12,11 +12,11 @@ from saferlhf.models.hf import load_causal_lm, load_tokenizer
 from saferlhf.models.passes import sft_pass
 from saferlhf.trainers.common import (
     apply_layer_levers,
+    engine_config,
     eval_batches,
     plot_metrics,
     save_model,
     setup_run,
-    train_ds_config,
 )
 from saferlhf.trainers.data import load_splits
 from saferlhf.trainers.supervised import Units, plan_steps, train_supervised
@@ -37,7 +37,7 @@ def train_sft(cfg: Config) -> dict[str, float]:
     eval_set = SFTDataset(eval_rows, tokenizer, cfg.model.max_length, chat_template=cfg.model.chat_template)
     plan = plan_steps(len(train_set), cfg)
     engine = distributed.make_engine(
-        model, train_ds_config(cfg, run.dist.world_size),
+        model, engine_config(cfg, run.dist.world_size),
         scheduler=cfg.optim.lr_scheduler, warmup_steps=plan.warmup_steps, total_steps=plan.total_steps,
     )
 

@@ -1,4 +1,4 @@
-"""benchmarks/bench_step.py: the baseline (reference ops) and the fused ops compute the same PPO step.
+"""benchmarks/bench_plain_step.py: the baseline (reference ops) and the fused ops compute the same PPO step.
 
 Tiny Llama on CPU; the fused configuration runs the native ops, and the Triton kernels through the
 interpreter (on CUDA where there is a GPU), and once with its decoder layers compiled (inductor's CPU
@@ -18,7 +18,7 @@ from kernel_inputs import script_module
 
 pytest_plugins = ["kernel_fixtures"]  # switches the Triton interpreter on where there is no GPU
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_step.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_plain_step.py"
 
 
 @pytest.fixture(scope="module")

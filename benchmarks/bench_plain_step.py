@@ -2,8 +2,8 @@
 
 Usage:
 
-    python benchmarks/bench_step.py                 # tiny Llama on this machine's device
-    python benchmarks/bench_step.py --model gpu     # ~0.5B Llama, 128k vocabulary (needs a GPU)
+    python benchmarks/bench_plain_step.py                 # tiny Llama on this machine's device
+    python benchmarks/bench_plain_step.py --model gpu     # ~0.5B Llama, 128k vocabulary (needs a GPU)
 
 Both configurations run on the same models (restored to the same weights before each), the same
 prompts and the same rollout, one after the other in one process:
@@ -66,19 +66,13 @@ from saferlhf.models.compiled import compile_layers, resolve_compile_layers, unc
 from saferlhf.models.fused import unuse_fused_layers, use_fused_layers  # noqa: E402
 from saferlhf.models.passes import mean_entropy, response_logprobs, response_values  # noqa: E402
 from saferlhf.models.score_model import ScoreModel  # noqa: E402
+from saferlhf.models.tiny import BENCHMARK_VOCAB, TINY_SIZES  # noqa: E402
 
 PHASES = ("score", "experience", "actor", "critics")
 
-# Llama shapes. "gpu": 16 layers of width 1024 with the 128,256-token vocabulary of Llama 3 (~0.5B
-# parameters, half of them the embedding and LM head): the vocabulary dominates the log-prob passes.
-MODELS = {
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2),
-    "20m": dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                num_attention_heads=6, num_key_value_heads=6),
-    "gpu": dict(vocab_size=128256, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
-                num_attention_heads=16, num_key_value_heads=8),
-}  # fmt: skip
+# Llama shapes: saferlhf.models.tiny's, with the vocabulary each is benchmarked with ("gpu": Llama 3's
+# 128,256 tokens, which dominate the log-prob passes).
+MODELS = {name: {**TINY_SIZES[name], "vocab_size": BENCHMARK_VOCAB[name]} for name in ("tiny", "20m", "gpu")}
 
 
 @dataclass(frozen=True)
