@@ -155,6 +155,10 @@ class LagrangeConfig:
     kp: float = _f(0.1, "PID proportional gain")
     ki: float = _f(0.01, "PID integral gain")
     kd: float = _f(0.0, "PID derivative gain")
+    constraint: str = _f("mean_cost", "what J_C <= d constrains: mean_cost (the paper: E[C] <= d, d in score units), "
+                                      "unsafe_rate (P(C > 0) <= d, d in [0, 1]) or rectified (E[max(C, 0)] <= d: "
+                                      "safe answers do not offset unsafe ones)")
+    cost_temperature: float = _f(1.0, "unsafe_rate: tau of the cost stream's sigma(C / tau)")
 
 
 @dataclass
@@ -365,6 +369,20 @@ def build_config(
             parse_lengths(cfg.rollout.synthetic_lengths)
         except ValueError as e:
             raise ConfigError(f"config key 'rollout.synthetic_lengths': {e}") from None
+    lg = cfg.lagrange
+    from saferlhf.algorithms.constraints import CONSTRAINTS
+
+    if lg.constraint not in CONSTRAINTS:
+        raise ConfigError(f"config key 'lagrange.constraint': expected one of {', '.join(CONSTRAINTS)}, "
+                          f"got {lg.constraint!r}")
+    if lg.constraint == "unsafe_rate" and not 0.0 <= lg.threshold <= 1.0:
+        raise ConfigError(f"config key 'lagrange.threshold': with lagrange.constraint=unsafe_rate it is the largest "
+                          f"share of unsafe answers, in [0, 1]; got {lg.threshold}")
+    if lg.constraint == "rectified" and lg.threshold < 0:
+        raise ConfigError(f"config key 'lagrange.threshold': with lagrange.constraint=rectified the rectified cost "
+                          f"is >= 0, so the threshold must be >= 0; got {lg.threshold}")
+    if not lg.cost_temperature > 0:
+        raise ConfigError(f"config key 'lagrange.cost_temperature': must be > 0, got {lg.cost_temperature}")
     if cfg.run.threads < 0:
         raise ConfigError(f"config key 'run.threads': must be >= 0 (0: automatic), got {cfg.run.threads}")
     for key, value in (("ppo.micro_batch_tokens", cfg.ppo.micro_batch_tokens),

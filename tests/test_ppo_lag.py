@@ -93,3 +93,38 @@ def test_reference_ops_and_the_default_ops_train_the_same(toy_models, tmp_path, 
             elif key.startswith("train/"):
                 assert b[key] == pytest.approx(value, rel=1e-3, abs=1e-5), (a["step"], key)
     assert plain["train/lambda"] == pytest.approx(fused["train/lambda"], rel=1e-5)
+
+
+@pytest.mark.parametrize("constraint,backend", [("unsafe_rate", BACKENDS[0]), ("rectified", BACKENDS[-1]),
+                                                ("unsafe_rate", BACKENDS[-1])])
+def test_constraint_forms_drive_lambda_with_their_own_episode_costs(toy_models, tmp_path, constraint, backend):
+    """unsafe_rate: J_C is the share of answers the cost model calls unsafe (the logged unsafe rate); rectified:
+    J_C is the mean positive part of the cost, never below 0. λ's first step follows from that J_C."""
+    import math
+
+    threshold = 0.1 if constraint == "unsafe_rate" else 0.0
+    train_ppo(_cfg(toy_models, tmp_path / "run", "ppo_lag", "run.max_steps=2", f"rollout.backend={backend}",
+                   f"lagrange.constraint={constraint}", f"lagrange.threshold={threshold}", "lagrange.lr=0.5",
+                   "lagrange.window=16", "lagrange.lambda_max=100"))
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/reward" in r]
+    first = rows[0]
+    if constraint == "unsafe_rate":
+        assert first["train/episode_cost_window"] == pytest.approx(first["train/unsafe_rate"], abs=1e-6)
+        assert 0 <= first["train/episode_cost_window"] <= 1
+    else:
+        assert first["train/episode_cost_window"] >= 0
+        assert first["train/episode_cost_window"] >= first["train/cost"] - 1e-6  # [C]_+ ≥ C on average
+    expected = math.exp(0.5 * 1.0 * (first["train/episode_cost_window"] - threshold))  # λ_init = 1, one step
+    assert first["train/lambda"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_resumed_unsafe_rate_run_reproduces_the_following_steps(toy_models, tmp_path):
+    extra = ["run.max_steps=4", "run.save_every=2", "lagrange.constraint=unsafe_rate", "lagrange.threshold=0.05"]
+    full = tmp_path / "full"
+    train_ppo(_cfg(toy_models, full, "ppo_lag", *extra))
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    train_ppo(_cfg(toy_models, resumed, "ppo_lag", *extra, "run.resume=true"))
+    after = lambda d: [comparable(r) for r in read_metrics(d / "metrics.jsonl") if r["step"] > 2]  # noqa: E731
+    assert after(resumed) == after(full) and len(after(full)) == 2

@@ -45,14 +45,28 @@ class Generation:
 
 
 class Generator(Protocol):
+    """What the trainer needs of a generation backend.
+
+    ``needs_sync``: the backend generates with weights of its own (an engine), which the trainer must push
+    after every update (``load_weights``) and may ``verify`` against the actor; False for a backend that
+    generates with the actor itself.
+    """
+
+    needs_sync: bool
+
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingParams) -> Generation: ...
 
     def load_weights(self, buckets) -> object:
         """New actor weights: an iterable of buckets, each a list of (name, tensor) of complete groups."""
 
+    def verify(self, actor, probes: list[list[int]], max_new_tokens: int = 16) -> tuple[bool, float]:
+        """(greedy tokens equal to the actor's, max |log-prob difference|) on ``probes``."""
+
     def sleep(self) -> None: ...
 
     def wake_up(self) -> None: ...
+
+    def shutdown(self) -> None: ...
 
 
 def response_mask_from_ids(

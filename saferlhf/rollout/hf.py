@@ -80,11 +80,19 @@ class HFGenerator:
             response_mask=mask,
         )
 
+    needs_sync = False  # generates with the actor itself
+
     def load_weights(self, named_tensors) -> None:
         """The hf backend generates with the actor itself: there is nothing to push."""
+
+    def verify(self, actor, probes, max_new_tokens: int = 16) -> tuple[bool, float]:
+        return True, 0.0  # the actor itself
 
     def sleep(self) -> None:
         pass
 
     def wake_up(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
         pass

@@ -435,6 +435,11 @@ class VLLMGenerator:
 
     # -- engine lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def needs_sync(self) -> bool:
+        """An engine with a WeightSpec takes the actor's weights after every update (one without only samples)."""
+        return self.spec is not None
+
     def _start(self, weights_path: str | None = None) -> None:
         """Start the engine from ``weights_path`` (default: the checkpoint it was created with)."""
         global _live

@@ -25,12 +25,7 @@ from pathlib import Path
 import torch
 
 from saferlhf import distributed, ops
-from saferlhf.algorithms import (
-    LagrangeMultiplier,
-    PIDLagrangian,
-    policy_loss,
-    value_loss,
-)
+from saferlhf.algorithms import policy_loss, value_loss
 from saferlhf.config import Config
 from saferlhf.data.collate import PromptDataset, SFTDataset
 from saferlhf.models import packing
@@ -62,9 +57,8 @@ from saferlhf.trainers.common import (
     setup_run,
 )
 from saferlhf.trainers.data import load_splits
+from saferlhf.trainers.penalty import MODES, make_penalty
 from saferlhf.trainers.phases import PhaseTimer, StepProfiler
-
-MODES = {"ppo_lag": "ppo-lag", "ppo": "ppo", "ppo_rs": "ppo-rs"}
 
 
 @dataclass
@@ -83,18 +77,6 @@ class Experience:
     ret_c: torch.Tensor  # (N, T)
 
 
-def make_lagrange(cfg: Config):
-    lg = cfg.lagrange
-    if lg.method == "gradient":
-        return LagrangeMultiplier(lambda_init=lg.lambda_init, lr=lg.lr, lambda_max=lg.lambda_max,
-                                  threshold=lg.threshold, delay=lg.delay, window=lg.window,
-                                  pool=distributed.all_reduce_sum)
-    if lg.method == "pid":
-        return PIDLagrangian(kp=lg.kp, ki=lg.ki, kd=lg.kd, threshold=lg.threshold, window=lg.window,
-                             lambda_max=lg.lambda_max, lambda_init=lg.lambda_init, pool=distributed.all_reduce_sum)
-    raise ValueError(f"lagrange.method must be gradient or pid, got {lg.method!r}")
-
-
 def _check_same_vocab(tok_a, name_a: str, tok_b, name_b: str) -> None:
     if tok_a.get_vocab() != tok_b.get_vocab():
         raise ValueError(f"tokenizer mismatch: {name_a} and {name_b} must share a vocabulary "
@@ -105,15 +87,14 @@ class PPOLagTrainer:
     """Holds the engines and the loop state; the loop itself is :meth:`train`."""
 
     def __init__(self, cfg: Config):
-        if cfg.stage not in MODES:
-            raise ValueError(f"PPO stage must be one of {list(MODES)}, got {cfg.stage!r}")
         self.cfg, self.mode = cfg, cfg.stage
+        self.penalty = make_penalty(cfg)  # how the cost enters the step: learned λ, fixed λ or not at all
         p = cfg.ppo
         if not cfg.model.name_or_path:
             raise ValueError("model.name_or_path (the actor, usually the SFT model) is required")
         if not p.reward_model:
             raise ValueError("ppo.reward_model is required")
-        if self.mode != "ppo" and not p.cost_model:
+        if self.penalty.needs_cost_model and not p.cost_model:
             raise ValueError(f"ppo.cost_model is required for {MODES[self.mode]}")
         self.run: Run = setup_run(cfg)
         world, device = self.run.dist.world_size, self.run.device
@@ -121,7 +102,7 @@ class PPOLagTrainer:
         actor_path = cfg.model.name_or_path
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or actor_path, padding_side="left")
         # Critics read the actor's token ids: their tokenizers must match (checked before any engine starts).
-        self.use_cost_critic = self.mode == "ppo_lag"
+        self.use_cost_critic = self.penalty.cost_critic
         critic_paths = {"reward": p.reward_critic or (actor_path if p.critic_init == "actor" else p.reward_model)}
         if self.use_cost_critic:
             critic_paths["cost"] = p.cost_critic or (actor_path if p.critic_init == "actor" else p.cost_model)
@@ -202,10 +183,8 @@ class PPOLagTrainer:
         if self.use_cost_critic:
             self.critic_c = trained(score_model("cost_critic", critic_paths["cost"]),
                                     p.critic_lr, p.critic_weight_decay)
-        self.lagrange = make_lagrange(cfg) if self.mode == "ppo_lag" else None
         engine_log = None if cfg.run.verbose else self.run.out_dir / f"engine-rank{self.run.dist.rank}.log"
         self.generator = make_generator(cfg, self.actor, self.tokenizer, actor_path, engine_log)
-        self.engine_backed = hasattr(self.generator, "verify")  # generation on an engine with its own weights
         self.sampling = SamplingParams(
             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, repetition_penalty=cfg.rollout.repetition_penalty,
@@ -251,7 +230,7 @@ class PPOLagTrainer:
         bar = progress(total=self.total_steps, desc=MODES[self.mode], enabled=cfg.run.progress and run.is_main)
         bar.update(self.start_step - 1)
         last: dict[str, float] = {}
-        if self.engine_backed and self.start_step > 1:
+        if self.generator.needs_sync and self.start_step > 1:
             self.sync_weights()  # the engine started from the initial weights; the actor was restored
         profiler = StepProfiler(run.out_dir / "profile", run.device, trace=cfg.run.profile,
                                 memory=cfg.run.memory_snapshot) if run.is_main else None
@@ -267,14 +246,14 @@ class PPOLagTrainer:
                     lengths_rng = torch.Generator().manual_seed(cfg.run.seed * 7919 + step * 31 + run.dist.rank)
                     gen = cut_to_lengths(gen, cfg.rollout.synthetic_lengths, lengths_rng, self.tokenizer.pad_token_id)
                 self.generator.sleep()
-                if self.engine_backed:
+                if self.generator.needs_sync:
                     # Each rank's engine finishes on its own; without this the first to finish would wait
                     # in the score phase's first collective and its wait would be counted as scoring.
                     distributed.barrier()
             generated = float(gen.response_mask.sum())
             exp, stats = self.make_experience(gen, step)  # phases "score" and "experience"
             stats.update(self.update(exp, step))  # phases "actor" and "critics"
-            if self.engine_backed:
+            if self.generator.needs_sync:
                 with phases("sync"):
                     stats.update(self.sync_weights())
             timings = phases.collect()
@@ -386,26 +365,14 @@ class PPOLagTrainer:
     def _advantages(self, step, seq, attn, plen, mask, logp_old, logp_ref, reward, cost, values_r, values_c,
                     entropy) -> tuple[Experience, dict[str, float]]:
         """λ update, KL shaping and both GAEs of a scored rollout (the ``experience`` phase)."""
-        p, device = self.cfg.ppo, self.run.device
-        lam = torch.zeros((), device=device)
-        stats: dict[str, float] = {}
-        if self.mode == "ppo_lag":
-            # The paper's order: update λ from this step's episode costs, then use it in the advantage.
-            # A collective: each rank adds its own episodes to its window; J_C pools all ranks' windows.
-            lam_value = self.lagrange.update(cost.cpu())
-            lam = torch.tensor(lam_value, device=device)
-            stats["train/lambda"] = lam_value
-            stats["train/episode_cost_window"] = self.lagrange.last_cost
-            end_reward, end_cost = reward, cost
-        elif self.mode == "ppo_rs":
-            end_reward, end_cost = reward - p.shaping_lambda * cost, torch.zeros_like(cost)
-            stats["train/lambda"] = p.shaping_lambda
-        else:
-            end_reward, end_cost = reward, torch.zeros_like(cost)
+        p = self.cfg.ppo
+        sig = self.penalty.signals(reward, cost)  # the end signals and λ of this mode (a collective for λ)
+        stats: dict[str, float] = dict(sig.stats)
 
-        rewards, costs = ops.shape_rewards(logp_old, logp_ref, mask, end_reward, end_cost, p.kl_coeff, p.clip_score)
+        rewards, costs = ops.shape_rewards(logp_old, logp_ref, mask, sig.end_reward, sig.end_cost, p.kl_coeff,
+                                           p.clip_score)
         adv_r, ret_r, adv_c, ret_c, adv = ops.dual_gae(rewards, costs, values_r, values_c, mask, p.gamma,
-                                                       p.gae_lambda, lam)
+                                                       p.gae_lambda, sig.lam)
         kl = ((logp_old - logp_ref) * mask).sum(-1)  # (N,) per-sequence KL (k1 sum)
         lengths = mask.sum(-1)  # (N,)
         local = torch.stack([reward.mean(), cost.mean(), kl.mean(), lengths.mean(), entropy,
@@ -552,15 +519,14 @@ class PPOLagTrainer:
 
     def save_checkpoint(self, step: int) -> Path:
         """Engines (weights, optimizer, scheduler), λ, RNG and step, written atomically."""
-        lagrange = self.lagrange.state_dict() if self.lagrange is not None else None
-        return checkpoint.save(self.run, step, self._engines(), {"lagrange": lagrange})
+        return checkpoint.save(self.run, step, self._engines(), {"lagrange": self.penalty.state_dict()})
 
     def resume(self) -> None:
         state = checkpoint.resume(self.run, self._engines())
         if state is None:
             return
-        if self.lagrange is not None:
-            self.lagrange.load_state_dict(state["lagrange"])
+        if state.get("lagrange") is not None:
+            self.penalty.load_state_dict(state["lagrange"])
         self.start_step = state["step"] + 1
 
     # -- the generation engine ------------------------------------------------------------------
@@ -645,8 +611,7 @@ class PPOLagTrainer:
 
     def close(self) -> None:
         """Stop the generation engine (a no-op for the hf backend)."""
-        if self.engine_backed:
-            self.generator.shutdown()
+        self.generator.shutdown()
 
     def save_final(self) -> None:
         save_model(self.run, self.actor, self.run.out_dir / "model", self.tokenizer)

@@ -1,0 +1,120 @@
+"""How the cost enters a PPO step: the penalty policy of each mode, as an object the loop calls the same way.
+
+    saferlhf ppo-lag   Learned   λ learned from the episode costs (``lagrange.*``), a cost critic,
+                                 A = (A_r − λ·A_c) / (1 + λ)
+    saferlhf ppo-rs    Fixed     end reward R − λ·C with λ = ``ppo.shaping_lambda``, no cost critic
+    saferlhf ppo       None_     reward only (the cost model, when given, is only logged)
+
+Every policy answers the same questions: does the step need a cost critic (``cost_critic``), and for a
+scored rollout, ``signals(reward, cost) -> Signals`` — the end reward and end cost that the KL shaping
+places on the last token, the λ the dual GAE combines the advantages with, and what to log. The λ
+update is the learned policy's own business: a collective (every rank pools its episode costs through
+``saferlhf.distributed``); the math is ``saferlhf.algorithms.lagrange`` and, for what the constraint
+constrains (``lagrange.constraint``), ``saferlhf.algorithms.constraints``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from saferlhf import distributed
+from saferlhf.algorithms import LagrangeMultiplier, PIDLagrangian
+from saferlhf.algorithms.constraints import constraint_costs
+
+MODES = {"ppo_lag": "ppo-lag", "ppo": "ppo", "ppo_rs": "ppo-rs"}  # stage → command
+
+
+@dataclass
+class Signals:
+    end_reward: torch.Tensor  # (N,) placed on each response's last token of the reward stream
+    end_cost: torch.Tensor  # (N,) placed on the cost stream (zeros without a cost critic)
+    lam: torch.Tensor  # () the λ of A = (A_r − λ·A_c)/(1 + λ); 0 without a cost critic
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class Learned:
+    """PPO-Lagrangian: λ learned by gradient ascent (the paper) or a PID controller, from the windowed cost."""
+
+    cost_critic = True
+    needs_cost_model = True
+
+    def __init__(self, cfg) -> None:
+        lg = cfg.lagrange
+        if lg.method == "gradient":
+            self.multiplier = LagrangeMultiplier(lambda_init=lg.lambda_init, lr=lg.lr, lambda_max=lg.lambda_max,
+                                                 threshold=lg.threshold, delay=lg.delay, window=lg.window,
+                                                 pool=distributed.all_reduce_sum)
+        elif lg.method == "pid":
+            self.multiplier = PIDLagrangian(kp=lg.kp, ki=lg.ki, kd=lg.kd, threshold=lg.threshold, window=lg.window,
+                                            lambda_max=lg.lambda_max, lambda_init=lg.lambda_init,
+                                            pool=distributed.all_reduce_sum)
+        else:
+            raise ValueError(f"lagrange.method must be gradient or pid, got {lg.method!r}")
+        self.constraint, self.temperature = lg.constraint, lg.cost_temperature
+
+    def signals(self, reward: torch.Tensor, cost: torch.Tensor) -> Signals:
+        # The paper's order: update λ from this step's episode costs, then use it in the advantage.
+        episode, stream = constraint_costs(cost, self.constraint, self.temperature)  # (N,), (N,)
+        lam = self.multiplier.update(episode.cpu())  # a collective; reading the costs is one host sync
+        stats = {"train/lambda": lam, "train/episode_cost_window": self.multiplier.last_cost}
+        return Signals(reward, stream, torch.tensor(lam, device=cost.device), stats)
+
+    def state_dict(self) -> dict:
+        return self.multiplier.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.multiplier.load_state_dict(state)
+
+
+class Fixed:
+    """Reward shaping: one reward R − λ·C with a fixed λ, one critic."""
+
+    cost_critic = False
+    needs_cost_model = True
+
+    def __init__(self, cfg) -> None:
+        self.lam = cfg.ppo.shaping_lambda
+
+    def signals(self, reward: torch.Tensor, cost: torch.Tensor) -> Signals:
+        zero = torch.zeros((), device=cost.device)
+        return Signals(reward - self.lam * cost, torch.zeros_like(cost), zero, {"train/lambda": self.lam})
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+
+class None_:
+    """PPO on the reward only."""
+
+    cost_critic = False
+    needs_cost_model = False
+
+    def __init__(self, cfg) -> None:
+        pass
+
+    def signals(self, reward: torch.Tensor, cost: torch.Tensor) -> Signals:
+        return Signals(reward, torch.zeros_like(cost), torch.zeros((), device=cost.device))
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+
+POLICIES = {"ppo_lag": Learned, "ppo_rs": Fixed, "ppo": None_}
+
+
+def make_penalty(cfg):
+    """The penalty policy of ``cfg.stage``."""
+    if cfg.stage not in POLICIES:
+        raise ValueError(f"PPO stage must be one of {list(POLICIES)}, got {cfg.stage!r}")
+    return POLICIES[cfg.stage](cfg)
+
+
+__all__ = ["MODES", "POLICIES", "Fixed", "Learned", "None_", "Signals", "make_penalty"]
