@@ -1,0 +1,151 @@
+"""Where does the harmful rate settle? Long toy-world PPO-Lag runs under each constraint form, over seeds.
+
+    python benchmarks/equilibrium.py [--seeds 42,43,44] [--steps 300] [--configs NAME,...] [--out DIR] [--json FILE]
+
+For every seed: the toy world's base model, SFT, reward and cost models of the ``tiny-cpu`` preset (as
+``saferlhf demo`` trains them, ``run.seed`` = the seed), then one PPO-Lag run per configuration from that
+SFT model, ``--steps`` steps long. Each run is judged by
+
+- the toy world's ground truth of its final policy on 256 held-out prompts × 2 samples
+  (``harm_rate`` on harmful requests, ``helpfulness`` on benign ones);
+- its last quarter of training: the mean share of answers the cost model calls unsafe
+  (``train/unsafe_rate``, on the run's harmful prompts), the mean J_C and λ, and λ's spread (settled
+  when its relative spread is small and J_C sits at d).
+
+Configurations (``CONFIGS``): the paper's mean-cost constraint at d = 0 (the preset's), the chance
+constraint ``unsafe_rate`` at d = 0.05 and 0.20, and RePO's ``rectified`` cost. Prints a table per
+configuration (mean over seeds, and every seed) and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from checkout import import_saferlhf  # noqa: E402
+
+import_saferlhf()
+
+from saferlhf.config import build_config, resolve_preset  # noqa: E402
+
+QUIET = ["run.progress=false", "run.tensorboard=false"]
+# name → overrides of the preset's ppo_lag stage. λ's learning rate follows the scale of J_C − d: the
+# signed and rectified costs move over several units (the preset's 0.004), the unsafe share over [0, 1].
+CONFIGS = {
+    "mean_cost_d0": ["lagrange.constraint=mean_cost", "lagrange.threshold=0.0"],
+    "unsafe_rate_0.05": ["lagrange.constraint=unsafe_rate", "lagrange.threshold=0.05", "lagrange.lr=0.1"],
+    "unsafe_rate_0.20": ["lagrange.constraint=unsafe_rate", "lagrange.threshold=0.2", "lagrange.lr=0.1"],
+    "rectified_d0": ["lagrange.constraint=rectified", "lagrange.threshold=0.0"],
+}
+
+
+def models_for_seed(out: Path, seed: int) -> tuple[Path, Path, Path]:
+    """SFT, reward and cost models of the preset for ``seed`` (reused when already there)."""
+    from saferlhf.pipeline import build_base_model
+    from saferlhf.trainers.preference import train_preference
+    from saferlhf.trainers.sft import train_sft
+
+    preset = resolve_preset("tiny-cpu")
+    base = build_base_model(out / "base", seed=seed)
+    paths = {}
+    for stage, model, runner in (("sft", base, train_sft), ("rm", None, train_preference),
+                                 ("cm", None, train_preference)):
+        model = model or paths["sft"]
+        if not (out / stage / "model" / "config.json").is_file():
+            runner(build_config(stage, preset, [f"run.out_dir={out / stage}", f"model.name_or_path={model}",
+                                                f"run.seed={seed}", *QUIET]))
+        paths[stage] = out / stage / "model"
+    return paths["sft"], paths["rm"], paths["cm"]
+
+
+def run(out: Path, seed: int, name: str, steps: int, sft: Path, rm: Path, cm: Path) -> dict:
+    from saferlhf.evaluate.groundtruth import evaluate_policy, read_trace
+    from saferlhf.monitor import read_metrics
+    from saferlhf.trainers.ppo_lag import train_ppo
+
+    run_dir = out / name
+    if not (run_dir / "model" / "config.json").is_file():
+        train_ppo(build_config("ppo_lag", resolve_preset("tiny-cpu"), [
+            f"run.out_dir={run_dir}", f"model.name_or_path={sft}", f"ppo.reward_model={rm}", f"ppo.cost_model={cm}",
+            f"run.seed={seed}", f"ppo.total_steps={steps}", "run.log_every=1", *QUIET, *CONFIGS[name]]))
+    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "train/reward" in r]
+    tail = rows[-max(1, len(rows) // 4):]
+    lams = [r["train/lambda"] for r in tail]
+    truth = evaluate_policy(run_dir / "model")
+    return {"harm_rate": truth["harm_rate"], "helpfulness": truth["helpfulness"],
+            "harm_rate_ci": [truth["harm_rate_low"], truth["harm_rate_high"]],
+            "tail_unsafe_rate": statistics.mean(r["train/unsafe_rate"] for r in tail),
+            "tail_cost_window": statistics.mean(r["train/episode_cost_window"] for r in tail),
+            "tail_lambda": statistics.mean(lams), "tail_lambda_sd": statistics.pstdev(lams),
+            "lambda_trace": [round(r["train/lambda"], 4) for r in read_trace(run_dir)][:: max(1, steps // 30)],
+            "steps": len(rows)}
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def format_table(results: dict, names: list[str]) -> str:
+    seeds = results["seeds"]
+    lines = [f"{results['steps']} steps, seeds {seeds}; ground truth of the final policies on 256 held-out "
+             "prompts x 2",
+             f"{'configuration':18} {'harm (mean)':>11} {'per seed':>24} {'helpful':>8} {'tail unsafe':>11} "
+             f"{'tail J_C':>9} {'tail λ':>12}"]
+
+    def row(name: str, per_seed: dict, tail: bool) -> str:
+        harms = [per_seed[s]["harm_rate"] for s in seeds]
+        line = (f"{name:18} {_mean(harms):11.3f} {' '.join(f'{h:.3f}' for h in harms):>24} "
+                f"{_mean([per_seed[s]['helpfulness'] for s in seeds]):8.3f}")
+        if tail:
+            line += (f" {_mean([per_seed[s]['tail_unsafe_rate'] for s in seeds]):11.3f}"
+                     f" {_mean([per_seed[s]['tail_cost_window'] for s in seeds]):+9.3f}"
+                     f" {_mean([per_seed[s]['tail_lambda'] for s in seeds]):6.2f}"
+                     f"±{_mean([per_seed[s]['tail_lambda_sd'] for s in seeds]):.2f}")
+        return line
+
+    lines.append(row("SFT", results["sft"], tail=False))
+    lines += [row(name, results["runs"][name], tail=True) for name in names]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--out", type=Path, default=Path("runs/equilibrium"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names = args.configs.split(",")
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"--configs: unknown {unknown}; known: {', '.join(CONFIGS)}")
+    from saferlhf.evaluate.groundtruth import evaluate_policy
+
+    t0 = time.perf_counter()
+    results: dict = {"steps": args.steps, "seeds": seeds, "sft": {}, "runs": {n: {} for n in names}}
+    for seed in seeds:
+        out = args.out / f"seed-{seed}"
+        sft, rm, cm = models_for_seed(out, seed)
+        truth = evaluate_policy(sft)
+        results["sft"][seed] = {"harm_rate": truth["harm_rate"], "helpfulness": truth["helpfulness"]}
+        for name in names:
+            print(f"[equilibrium] seed {seed} {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            results["runs"][name][seed] = run(out, seed, name, args.steps, sft, rm, cm)
+    results["seconds"] = time.perf_counter() - t0
+
+    print(format_table(results, names))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
