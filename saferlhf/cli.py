@@ -3,7 +3,7 @@
     saferlhf sft|rm|cm|ppo-lag|ppo|ppo-rs|dpo --config FILE [key=value ...]
                                                         one stage (``--help`` lists every key)
     saferlhf data check PATH --kind {preference,sft,prompt} [--json]
-    saferlhf demo [--out DIR] [--json] [--no-rl] [--rounds 1|2] [--preset tiny-cpu|smollm2]
+    saferlhf demo [--out DIR] [--json] [--no-rl] [--rounds 1|2] [--seeds K] [--preset tiny-cpu|smollm2]
                                                         the main job: two Safe RLHF rounds on the toy world
     saferlhf round --out DIR --policy MODEL_DIR [--round K] [--previous REPORT] [--prompts SPEC ...]
                    [--data PREV.jsonl ...] [--labels toy|judge|annotate] [--sheet FILLED.csv]
@@ -86,13 +86,16 @@ def run_demo_command(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="end with one JSON line of ground-truth metrics")
     parser.add_argument("--no-rl", action="store_true", help="stop after the SFT, reward and cost models")
     parser.add_argument("--rounds", type=int, default=2, choices=(1, 2), help="Safe RLHF rounds (default: 2)")
+    parser.add_argument("--seeds", type=int, default=1, metavar="K",
+                        help="run the whole demo for K seeds (the preset's seed, +1, ...) and report means with "
+                             "95%% intervals across seeds and every seed's value (default: 1)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every stage")
     args = parser.parse_args(argv)
     from saferlhf.pipeline import DemoError, format_table, run_demo, summary
 
     try:
         result = run_demo(args.out, preset=args.preset, overrides=args.overrides, rl=not args.no_rl,
-                          rounds=args.rounds)
+                          rounds=args.rounds, seeds=args.seeds)
     except DemoError as e:
         print(f"saferlhf demo: {e}", file=sys.stderr)
         return 2

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from saferlhf.config import build_config, resolve_preset
-from saferlhf.evaluate.groundtruth import EVAL_PROMPTS, evaluate_policy, lambda_summary, read_trace
+from saferlhf.evaluate.groundtruth import EVAL_PROMPTS, evaluate_policy, lambda_summary, read_trace, seed_interval
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +81,10 @@ class DemoResult:
     policies: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     traces: dict[str, list[dict]] = field(default_factory=dict)  # per RL stage: λ, J_C, R, C per step
-    rounds: dict[str, dict] = field(default_factory=dict)  # round_1: the red-team record; round_2: its report
+    rounds: dict[str, dict] = field(default_factory=dict)  # round_1, round_2: the rounds' reports
     settings: DemoSettings = field(default_factory=DemoSettings)
+    seeds: list[int] = field(default_factory=list)  # several: this result combines ``per_seed``
+    per_seed: list[DemoResult] = field(default_factory=list)
 
 
 def build_base_model(out_dir: Path, seed: int = DEMO_SEED, size: str = "tiny") -> Path:
@@ -123,46 +125,71 @@ def build_smollm2_base(out_dir: Path) -> Path:
 
 def run_demo(
     out_dir: str | Path = "runs/demo", preset: str = "tiny-cpu", overrides: list[str] | None = None,
-    rl: bool = True, rounds: int = 2, settings: DemoSettings | None = None,
+    rl: bool = True, rounds: int = 2, settings: DemoSettings | None = None, seeds: int = 1,
 ) -> DemoResult:
     """SFT, reward and cost models, then (``rl``) round 1 and (``rounds`` = 2) round 2; see the module.
 
     ``preset``: a shipped preset (``tiny-cpu``, ``smollm2-cpu``; aliases ``tiny``, ``smollm2``) or a
-    preset file; ``settings`` replaces the preset's `DemoSettings`. Raises `DemoError` before any
+    preset file; ``settings`` replaces the preset's `DemoSettings`. ``seeds`` > 1 runs the whole demo
+    once per seed (``run.seed`` = the preset's seed, +1, +2, ...; base model, SFT, reward and cost
+    models included) in ``seed-<s>/`` and combines them (`combine_seeds`). Raises `DemoError` before any
     stage runs when the preset cannot run here.
     """
     from saferlhf.config import ConfigError
-    from saferlhf.trainers.sft import train_sft
 
     if rounds not in (1, 2):
         raise DemoError(f"rounds must be 1 or 2, got {rounds}")
+    if seeds < 1:
+        raise DemoError(f"seeds must be at least 1, got {seeds}")
     name, preset_settings = demo_settings(preset)
     settings = settings or preset_settings
     if "ppo_lag" not in settings.rl_stages:
         raise DemoError(f"the demo's round 1 needs the ppo_lag stage, got {settings.rl_stages}")
+    extra = list(overrides or [])
     try:
         preset_path = resolve_preset(name)
         for stage_name in ("sft", "rm", "cm", *settings.rl_stages):  # every override resolves, before any work
-            build_config(stage_name, preset_path, list(overrides or []))
+            build_config(stage_name, preset_path, extra)
     except ConfigError as e:
         raise DemoError(str(e)) from None
     if settings.base == "smollm2":
         check_smollm2()
-    if not build_config("sft", preset_path, list(overrides or [])).run.verbose:
+    cfg = build_config("sft", preset_path, extra)
+    if not cfg.run.verbose:
         from saferlhf.monitor import quiet_libraries
 
         quiet_libraries()
     out = Path(out_dir)
-    result = DemoResult(out, settings=settings)
-    extra = list(overrides or [])
-    t_start = time.perf_counter()
+    if seeds == 1:
+        result = _run_seed(out, preset_path, extra, settings, rl, rounds, cfg.run.seed)
+    else:
+        start = time.perf_counter()
+        runs = []
+        for i in range(seeds):
+            seed = cfg.run.seed + i
+            logger.info("demo: seed %d (%d of %d) → %s", seed, i + 1, seeds, out / f"seed-{seed}")
+            runs.append(_run_seed(out / f"seed-{seed}", preset_path, [*extra, f"run.seed={seed}"], settings, rl,
+                                  rounds, seed))
+        result = combine_seeds(out, runs)
+        result.seconds["total"] = time.perf_counter() - start
+    write_report(result)
+    logger.info("demo: done in %.0f s; report in %s", result.seconds["total"], out / "report.md")
+    return result
 
+
+def _run_seed(out: Path, preset_path: Path, extra: list[str], settings: DemoSettings, rl: bool, rounds: int,
+              seed: int) -> DemoResult:
+    """The demo of one seed in ``out``."""
+    from saferlhf.trainers.sft import train_sft
+
+    result = DemoResult(out, settings=settings, seeds=[seed])
+    t_start = time.perf_counter()
     t0 = time.perf_counter()
     if settings.base == "smollm2":
         logger.info("demo: base model: SmolLM2-135M-Instruct → %s", out / "base")
         base = build_smollm2_base(out / "base")
     else:
-        base = build_base_model(out / "base")
+        base = build_base_model(out / "base", seed=seed)
     result.seconds["base"] = time.perf_counter() - t0
 
     start = time.perf_counter()
@@ -180,9 +207,54 @@ def run_demo(
     elif rounds == 2:
         run_round_two(result, sft_model, preset_path, extra)
     result.seconds["total"] = time.perf_counter() - t_start
-    write_report(result)
-    logger.info("demo: done in %.0f s; report in %s", result.seconds["total"], out / "report.md")
+    if len(result.seeds) == 1 and out.name.startswith("seed-"):
+        write_report(result)  # each seed keeps its own report beside the combined one
     return result
+
+
+def combine_seeds(out: Path, runs: list[DemoResult]) -> DemoResult:
+    """One result from the same demo run with several seeds: per policy the mean over seeds of the harmful
+    rate and the helpfulness with a 95 % interval across seeds (Student's t, K − 1 degrees of freedom) and
+    the per-seed values (``harm_rate_seeds``, ``helpfulness_seeds``, in seed order); model accuracies and
+    the rounds' numbers as means; the λ traces of the first seed."""
+    first = runs[0]
+    result = DemoResult(out, settings=first.settings, seeds=[r.seeds[0] for r in runs], per_seed=runs)
+    for name in first.policies:
+        if not all(name in r.policies for r in runs):
+            continue
+        entry: dict = {}
+        for key in ("harm_rate", "helpfulness"):
+            values = [r.policies[name][key] for r in runs]
+            mean, low, high = seed_interval(values)
+            entry.update({key: mean, f"{key}_low": low, f"{key}_high": high, f"{key}_seeds": values})
+        result.policies[name] = entry
+    for stage in ("rm", "cm"):
+        keys = set.intersection(*(set(r.stages.get(stage, {})) for r in runs))
+        result.stages[stage] = {k: sum(r.stages[stage][k] for r in runs) / len(runs) for k in keys
+                                if all(isinstance(r.stages[stage][k], (int, float)) for r in runs)}
+    result.traces = dict(first.traces)
+    result.rounds = _mean_rounds([r.rounds for r in runs])
+    for r in runs:
+        for k, v in r.seconds.items():
+            result.seconds[k] = result.seconds.get(k, 0.0) + v
+    return result
+
+
+def _mean_rounds(per_seed: list[dict]) -> dict:
+    """The rounds' reports with their numeric metrics averaged over seeds (the rest from the first seed)."""
+    combined: dict = {}
+    for name in per_seed[0]:
+        if not all(name in r for r in per_seed):
+            continue
+        report = dict(per_seed[0][name])
+        metrics = {}
+        for key, value in report.get("metrics", {}).items():
+            values = [r[name]["metrics"].get(key) for r in per_seed]
+            metrics[key] = (sum(values) / len(values) if all(isinstance(v, (int, float)) for v in values)
+                            else value)
+        report["metrics"] = metrics
+        combined[name] = report
+    return combined
 
 
 def _exactly(spec: str, n: int) -> str:
@@ -278,6 +350,8 @@ def _policy_summary(m: dict) -> dict:
     for k in ("harm_rate", "helpfulness"):
         if f"{k}_low" in m:
             out[f"{k}_ci"] = [round(m[f"{k}_low"], 4), round(m[f"{k}_high"], 4)]
+        if f"{k}_seeds" in m:
+            out[f"{k}_seeds"] = [round(v, 4) for v in m[f"{k}_seeds"]]
     return out
 
 
@@ -289,11 +363,16 @@ def summary(result: DemoResult) -> dict:
     """The JSON line of ``saferlhf demo --json``: ground-truth metrics per policy, plus model metrics.
 
     ``round_1`` is the PPO-Lag policy of round 1 (also listed as ``ppo_lag`` beside ``ppo`` and ``ppo_rs``).
+    With several seeds each policy's ``harm_rate`` and ``helpfulness`` are means over the seeds, ``*_ci``
+    their 95 % interval across seeds and ``*_seeds`` the per-seed values in seed order (``seeds``); with one,
+    ``*_ci`` is the bootstrap interval over prompts.
     """
     p = result.policies
     rounds = {"sft": p.get("sft"), "round_1": p.get("ppo_lag"), "round_2": p.get("round_2")}
     policies = {**{k: m for k, m in rounds.items() if m is not None}, **p}
     out = {name: _policy_summary(m) for name, m in policies.items()}
+    if len(result.seeds) > 1:
+        out["seeds"] = list(result.seeds)
     out["reward_model"] = {k.removeprefix("eval/"): round(v, 4) for k, v in result.stages.get("rm", {}).items()
                            if k in ("eval/accuracy",)}
     out["cost_model"] = {k.removeprefix("eval/"): round(v, 4) for k, v in result.stages.get("cm", {}).items()
@@ -337,24 +416,36 @@ def format_table(result: DemoResult) -> str:
     rounds = {"sft": result.policies.get("sft"), "round_1": result.policies.get("ppo_lag"),
               "round_2": result.policies.get("round_2")}
     rounds = {k: m for k, m in rounds.items() if m is not None}
+    several = len(result.seeds) > 1
     if len(rounds) > 1:
-        lines += ["", "Safe RLHF rounds, toy-world ground truth (sampled, held-out prompts; 95% bootstrap "
-                      "intervals over prompts)",
-                  "| policy | harmful rate on harmful requests | 95% CI | helpfulness on benign requests | 95% CI |",
-                  "|---|---|---|---|---|"]
+        what = (f"means over {len(result.seeds)} seeds ({', '.join(map(str, result.seeds))}), 95% intervals across "
+                "seeds; per seed in seed order" if several else "95% bootstrap intervals over prompts")
+        lines += ["", f"Safe RLHF rounds, toy-world ground truth (sampled, held-out prompts; {what})",
+                  "| policy | harmful rate on harmful requests | 95% CI | helpfulness on benign requests | 95% CI |"
+                  + (" harm per seed | helpfulness per seed |" if several else ""),
+                  "|---|---|---|---|---|" + ("---|---|" if several else "")]
         for name, m in rounds.items():
-            lines.append(f"| {ROUND_NAMES[name]} | {m['harm_rate']:.3f} | {_ci_text(m, 'harm_rate')} | "
-                         f"{m['helpfulness']:.3f} | {_ci_text(m, 'helpfulness')} |")
+            row = (f"| {ROUND_NAMES[name]} | {m['harm_rate']:.3f} | {_ci_text(m, 'harm_rate')} | "
+                   f"{m['helpfulness']:.3f} | {_ci_text(m, 'helpfulness')} |")
+            if several:
+                row += (f" {' '.join(f'{v:.3f}' for v in m['harm_rate_seeds'])} |"
+                        f" {' '.join(f'{v:.3f}' for v in m['helpfulness_seeds'])} |")
+            lines.append(row)
         if "round_2" in rounds:
             a, b = rounds["round_1"], rounds["round_2"]
             lines += ["", f"Round 2 against round 1: harmful rate {b['harm_rate'] - a['harm_rate']:+.3f}, "
                           f"helpfulness {b['helpfulness'] - a['helpfulness']:+.3f}"]
 
-    lines += ["", "Round 1: the paper's comparison from the SFT model (same seed and budget)",
+    lines += ["", "Round 1: the paper's comparison from the SFT model (same seed and budget)"
+              + (", means over seeds [per seed]" if several else ""),
               "| policy | harmful rate on harmful requests | helpfulness on benign requests |", "|---|---|---|"]
     for name, m in result.policies.items():
         if name != "round_2":
-            lines.append(f"| {name} | {m['harm_rate']:.3f} | {m['helpfulness']:.3f} |")
+            harm, helpful = f"{m['harm_rate']:.3f}", f"{m['helpfulness']:.3f}"
+            if several:
+                harm += f" [{', '.join(f'{v:.2f}' for v in m['harm_rate_seeds'])}]"
+                helpful += f" [{', '.join(f'{v:.2f}' for v in m['helpfulness_seeds'])}]"
+            lines.append(f"| {name} | {harm} | {helpful} |")
     if result.traces.get("ppo_lag"):
         lines += ["", _lambda_line("PPO-Lag multiplier", result.traces["ppo_lag"])]
 
@@ -390,8 +481,9 @@ def _num(v) -> str:
 
 
 def plot_report(result: DemoResult, path: Path) -> Path | None:
-    """``report.png``: ground truth of SFT / round 1 / round 2 (bars with 95% intervals), and λ and
-    J_C of both PPO-Lag runs over the PPO steps of the two rounds. None when no policy was scored."""
+    """``report.png``: ground truth of SFT / round 1 / round 2 (bars with 95% intervals; with several seeds
+    the mean, the interval across seeds and a dot per seed), and λ and J_C of both PPO-Lag runs over the PPO
+    steps of the two rounds (the first seed's). None when no policy was scored."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global backend state
     from matplotlib.figure import Figure
 
@@ -412,8 +504,11 @@ def plot_report(result: DemoResult, path: Path) -> Path | None:
         errors = [[max(0.0, v - result.policies[n].get(f"{key}_low", v)) for n, v in zip(names, values)],
                   [max(0.0, result.policies[n].get(f"{key}_high", v) - v) for n, v in zip(names, values)]]
         ax.bar([labels[n] for n in names], values, yerr=errors, capsize=4, color=[colors[n] for n in names])
-        for x, v in enumerate(values):
+        for x, (n, v) in enumerate(zip(names, values)):
             ax.annotate(f"{v:.3f}", (x, v), textcoords="offset points", xytext=(12, 3), fontsize=8)
+            per_seed = result.policies[n].get(f"{key}_seeds")
+            if per_seed:  # the spread across seeds: one dot per seed
+                ax.scatter([x] * len(per_seed), per_seed, color="black", s=9, zorder=3)
         ax.set_ylim(0, 1)
         ax.set_title(title, fontsize=10)
     offset = 0

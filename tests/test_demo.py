@@ -135,6 +135,31 @@ def test_demo_command_runs_two_rounds_and_writes_the_report(tmp_path, capsys):
     assert (tmp_path / "no-rl" / "round_1" / "models" / "cm" / "model" / "score_model.json").is_file()
 
 
+@pytest.mark.slow
+def test_seeds_run_the_whole_demo_per_seed_and_report_means_and_every_seed(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--json", "--rounds", "1", "--seeds", "2", *TINY]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["seeds"] == [42, 43]
+    for name in ("sft", "round_1", "ppo", "ppo_lag", "ppo_rs"):
+        m = line[name]
+        for key in ("harm_rate", "helpfulness"):
+            per_seed = m[f"{key}_seeds"]
+            assert len(per_seed) == 2 and m[key] == pytest.approx(sum(per_seed) / 2, abs=1e-4)
+            assert m[f"{key}_ci"][0] <= m[key] <= m[f"{key}_ci"][1]
+        # Each seed is its own run: its own summary, and the same numbers as the combined line's per-seed lists.
+        for i, seed in enumerate((42, 43)):
+            own = json.loads((out / f"seed-{seed}" / "summary.json").read_text())[name]
+            assert own["harm_rate"] == m["harm_rate_seeds"][i] and own["helpfulness"] == m["helpfulness_seeds"][i]
+    # Independent seeds: different base models (their tokenizers are trained on each seed's corpus) and runs.
+    configs = [load_config_file(out / f"seed-{s}" / "round_1" / "ppo_lag" / "config.yaml") for s in (42, 43)]
+    assert [c.run.seed for c in configs] == [42, 43]
+    assert line["sft"]["harm_rate_seeds"] != line["ppo"]["harm_rate_seeds"]
+    assert (out / "seed-42" / "base" / "config.json").is_file() and (out / "seed-43" / "sft" / "model").is_dir()
+    text = (out / "report.md").read_text()
+    assert "means over 2 seeds (42, 43)" in text and "harm per seed" in text
+
+
 def test_smollm2_preset_without_the_package_says_what_to_install(tmp_path, monkeypatch, capsys):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -25,14 +25,17 @@ def bench_config(logprobs: str) -> MemoryConfig:
 
 
 @pytest.mark.parametrize("logprobs", ["reference", "fused"])
-def test_logprob_pass_matches_the_measured_h100_peak(logprobs):
+def test_calibration_logprob_pass_against_the_h100_peak_it_was_fitted_to(logprobs):
+    """Calibration, not validation: the formulas were fitted to this one measured H100 shape; a second
+    measured shape (a GPU run) is still missing, so this only guards the calibration against drift."""
     predicted = estimate(bench_config(logprobs)).phases["logprob_pass"] / GB
     measured = MEASURED_LOGPROB_PASS_GB[logprobs]
     assert abs(predicted - measured) <= TOLERANCE * measured, (predicted, measured)
 
 
 @pytest.mark.parametrize("logprobs", ["reference", "fused"])
-def test_actor_update_matches_the_measured_h100_peak(logprobs):
+def test_calibration_actor_update_against_the_h100_peak_it_was_fitted_to(logprobs):
+    """Calibration, as above."""
     predicted = estimate(bench_config(logprobs)).phases["actor_update"] / GB
     measured = MEASURED_ACTOR_UPDATE_GB[logprobs]
     assert abs(predicted - measured) <= TOLERANCE * measured, (predicted, measured)

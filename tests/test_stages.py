@@ -9,6 +9,7 @@ import torch
 from helpers import run_cli, stage_config
 from transformers import AutoModel, AutoModelForCausalLM
 
+from saferlhf.config import load_config_file
 from saferlhf.models.score_model import ScoreModel
 from saferlhf.trainers.common import read_metrics
 
@@ -25,11 +26,13 @@ def test_cost_model_learns_harmlessness(toy_models):
 def test_run_directories_hold_config_metrics_checkpoints_plots(toy_models):
     for stage in ("sft", "rm", "cm"):
         run = toy_models.root / stage
-        assert (run / "config.yaml").is_file()
-        assert (run / "checkpoints").is_dir()
+        assert load_config_file(run / "config.yaml").stage == stage  # the resolved config of this run
         assert list((run / "plots").glob("*.png")), stage
         rows = read_metrics(run / "metrics.jsonl")
         assert any("train/loss" in r for r in rows) and any("eval/loss" in r for r in rows)
+        # The final model records the step it was saved at: the run's last logged step.
+        state = json.loads((run / "model" / "trainer_state.json").read_text())
+        assert state == {"step": max(r["step"] for r in rows), "stage": stage}
     losses = [r["train/loss"] for r in read_metrics(toy_models.root / "sft" / "metrics.jsonl") if "train/loss" in r]
     assert losses[-1] < 0.5 * losses[0]  # SFT learned the toy language
 

@@ -84,3 +84,25 @@ def lambda_summary(trace: list[dict]) -> dict:
     return {"first": lams[0], "peak": lams[peak], "peak_step": trace[peak]["step"], "last": lams[-1],
             "last_step": trace[-1]["step"], "first_cost": trace[0]["train/episode_cost_window"],
             "last_cost": trace[-1]["train/episode_cost_window"]}
+
+
+# Two-sided 97.5 % quantiles of Student's t by degrees of freedom (beyond the table: the normal's 1.96).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def seed_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over seeds and its 95 % interval across seeds, mean ± t · sd / √K.
+
+    One value gives a zero-width interval (nothing is known of the spread across seeds)."""
+    import math
+
+    k = len(values)
+    mean = sum(values) / k
+    if k < 2:
+        return mean, mean, mean
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1))
+    df = k - 1
+    t = _T975.get(df) or next((_T975[d] for d in sorted(_T975, reverse=True) if d <= df), 1.96)
+    half = t * sd / math.sqrt(k)
+    return mean, mean - half, mean + half
