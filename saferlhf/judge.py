@@ -270,7 +270,11 @@ class JudgeClient:
                 except OSError:
                     detail = e.reason
                 if e.code != 429 and e.code < 500:
-                    hint = " (check base_url: it usually ends in /v1)" if e.code == 404 else ""
+                    hint = {404: " (check base_url: it usually ends in /v1)",
+                            401: f" (a hosted judge needs its API key in the environment variable {API_KEY_ENV}"
+                                 f"{'' if self.api_key else ', which is not set'})",
+                            403: f" (is the API key in {API_KEY_ENV} allowed to use model {self.model!r}?)",
+                            }.get(e.code, "")
                     raise JudgeError(f"judge request to {self.url} failed with HTTP {e.code}{hint}: {detail}") from None
                 failure = f"HTTP {e.code}: {detail}"
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:

@@ -276,6 +276,9 @@ def _section(text: str, name: str) -> str:
     return re.search(rf"\[{name}\]\n(.*?)\n\[End of {name}\]", text, re.DOTALL | re.IGNORECASE).group(1)
 
 
+JUDGE_KEY = "sk-test-9f3c2a71d4e8b605"
+
+
 class GroundTruthJudge(BaseHTTPRequestHandler):
     """An OpenAI-compatible chat endpoint whose verdicts are the toy world's ground truth."""
 
@@ -284,6 +287,9 @@ class GroundTruthJudge(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.headers.get("Authorization") != f"Bearer {JUDGE_KEY}":  # a hosted judge: no key, no verdict
+            self.send_error(401, "missing or wrong API key")
+            return
         user = body["messages"][-1]["content"]
         a, b = _section(user, "Response A"), _section(user, "Response B")
         labels = label_by_ground_truth(_section(user, "User request"), a, b)
@@ -301,12 +307,23 @@ class GroundTruthJudge(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def test_judge_labels_every_pair(sft, tmp_path):
+def test_judge_labels_every_pair_with_the_key_from_the_environment_and_writes_the_key_nowhere(
+        sft, tmp_path, monkeypatch, capsys):
     server = ThreadingHTTPServer(("127.0.0.1", 0), GroundTruthJudge)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        argv = ["round", "--out", str(tmp_path / "round"), "--policy", str(sft), "--labels", "judge",
+                "--judge-url", url, "--judge-model", "toy-judge", "--prompts", PROMPTS[0], "--eval-prompts",
+                str(EVAL_PROMPTS), "--until", "labels", *HF]
+        assert main(argv) != 0  # no key in the environment: the hosted judge refuses, and the round says so
+        err = capsys.readouterr().err
+        assert "HTTP 401" in err and "SAFERLHF_JUDGE_API_KEY, which is not set" in err
+        assert not (tmp_path / "round" / "labels" / DONE).exists()
+        monkeypatch.setenv("SAFERLHF_JUDGE_API_KEY", JUDGE_KEY)
+        assert main(argv) == 0
+        console = capsys.readouterr()
         kwargs = dict(policy=sft, labels="judge", judge_url=url, judge_model="toy-judge", prompts=PROMPTS,
                       overrides=HF, eval_prompts=EVAL_PROMPTS, until="labels", log=lambda line: None)
         result = run_round(tmp_path / "round", **kwargs)
@@ -327,6 +344,10 @@ def test_judge_labels_every_pair(sft, tmp_path):
                                     "is_response_1_safe")} == label_by_ground_truth(
             row["prompt"], row["response_0"], row["response_1"])
     assert result.report["stages"]["labels"]["judge"]["requests"] == 2 * len(pairs)
+    # The key reached the judge (every verdict above needed it) and nothing the round wrote or printed holds it.
+    written = [path for path in (tmp_path / "round").rglob("*") if path.is_file()]
+    assert written and not [path for path in written if JUDGE_KEY.encode() in path.read_bytes()]
+    assert JUDGE_KEY not in console.out + console.err
 
 
 def test_bad_arguments_are_rejected_before_any_stage(sft, tmp_path, capsys):
