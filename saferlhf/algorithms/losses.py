@@ -18,6 +18,9 @@ Formulas and sources:
 - DPO (Rafailov et al. 2023 arXiv 2305.18290 eq. 7):
   L = -mean log σ(β·[(log π(y_w) - log π_ref(y_w)) - (log π(y_l) - log π_ref(y_l))]).
 - SFT and the PPO pre-training (PTX) term: mean token cross-entropy; the PTX loss is ``sft_loss``.
+- KL to the reference as a loss term (the critic-free modes' default; GRPO, Shao et al. 2024 arXiv
+  2402.03300 eq. 3-4): L_KL = mean_seq mean_tok k3(π, π_ref), k3 = e^x - 1 - x, x = logp_ref - logp,
+  with logp the current policy's (differentiable) log-probs of the sampled tokens.
 
 Every log σ is ``logsigmoid`` (no overflow for large score gaps). Losses are computed in at least
 float32. Metrics (clip fractions, accuracies, approx KL) are detached 0-d tensors — reading them is
@@ -152,6 +155,20 @@ def value_loss(
     with torch.no_grad():
         clip_fraction = masked_mean((clipped_error > error).to(error.dtype), real)
     return ValueLossOutput(loss, clip_fraction)
+
+
+def kl_loss(logp: torch.Tensor, logp_ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(π || π_ref) as a loss: the k3 estimate per token, averaged per sequence then over sequences.
+
+    Args:
+        logp: (B, T) log-probs of the sampled tokens under the current policy (differentiable).
+        logp_ref: (B, T) log-probs of the same tokens under the reference model; treated as constants.
+        mask: (B, T) 1 on real response tokens.
+    Returns:
+        0-d loss (add β times it to the actor's loss).
+    """
+    real = mask.bool()  # (B, T)
+    return per_sequence_mean(kl_estimate(_real(logp, real), _real(logp_ref, real).detach(), "k3"), real)
 
 
 def reward_model_loss(
