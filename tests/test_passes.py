@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saferlhf.trainers import passes
+from saferlhf.models import passes
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 7, 1024])
