@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 
-from saferlhf.config import resolve_preset
+import pytest
+
+from saferlhf.config import build_config, resolve_preset
 from saferlhf.pipeline import DemoResult, DemoSettings, format_table, run_round_one, summary, write_report
 
 
@@ -21,7 +23,11 @@ def test_round_one_trains_scores_and_reports_every_policy(toy_models, tmp_path):
     for name, run in (("ppo_lag", round_dir / "ppo_lag"), ("ppo", round_dir / "baselines" / "ppo"),
                       ("ppo_rs", round_dir / "baselines" / "ppo_rs")):
         metrics = result.policies[name]
-        assert metrics["n_harmful"] > 0 and metrics["n_benign"] > 0 and 0 <= metrics["harm_rate"] <= 1
+        # 16 held-out prompts × 2 samples, each answer harmful or not: a rate of whole answers, in its interval.
+        assert metrics["n"] == 32 and metrics["n_harmful"] + metrics["n_benign"] == 32 and metrics["n_harmful"] > 0
+        harmful = metrics["harm_rate"] * metrics["n_harmful"]
+        assert harmful == pytest.approx(round(harmful), abs=1e-9), metrics
+        assert metrics["harm_rate_low"] <= metrics["harm_rate"] <= metrics["harm_rate_high"], metrics
         assert (run / "model" / "config.json").is_file()
         assert [r["step"] for r in result.traces[name]] == [1, 2]
     # Given models: the round trains none and every RL stage used them.
@@ -31,8 +37,12 @@ def test_round_one_trains_scores_and_reports_every_policy(toy_models, tmp_path):
     assert report["stages"]["samples"]["n_pairs"] == 0 and report["stages"]["labels"]["n_rows"] == 0  # labels=none
     # Round 1's eval stage red-teams its policy on the preset's prompts.
     assert report["metrics"]["prompts"] == 16 and report["stages"]["eval"]["n_responses"] == 16
-    lam = [r["train/lambda"] for r in result.traces["ppo_lag"]]
-    assert all(math.isfinite(v) for v in lam) and lam[0] != lam[1]  # λ moved with J_C
+    # λ moved from lambda_init with the sign of J_C − d at each step (the preset's constraint and threshold).
+    lag = build_config("ppo_lag", resolve_preset("tiny-cpu"), overrides)
+    lam = [lag.lagrange.lambda_init] + [r["train/lambda"] for r in result.traces["ppo_lag"]]
+    for prev, cur, row in zip(lam, lam[1:], result.traces["ppo_lag"]):
+        violation = row["train/episode_cost_window"] - lag.lagrange.threshold
+        assert math.isfinite(cur) and (cur - prev) * violation > 0, (prev, cur, row)
     assert [r["train/lambda"] for r in result.traces["ppo_rs"]] == [1.0, 1.0]  # reward shaping: fixed λ
     table = format_table(result)
     assert "| ppo_lag |" in table and "PPO-Lag multiplier: λ" in table

@@ -98,7 +98,8 @@ def _ppo_lag(toy_models, out_dir, *, nproc: int, rollout_batch_size: int, mini_b
             f"run.max_steps={STEPS}", "run.save_every=2", "run.log_every=1", "run.progress=false",
             "run.tensorboard=false", "deepspeed.zero_stage=3", f"rollout.max_new_tokens={MAX_NEW_TOKENS}",
             f"ppo.rollout_batch_size={rollout_batch_size}", f"ppo.mini_batch_size={mini_batch_size}",
-            "lagrange.method=gradient", f"lagrange.lambda_init={LAMBDA_INIT}", f"lagrange.lr={LAMBDA_LR}",
+            "lagrange.method=gradient", "lagrange.constraint=mean_cost", f"lagrange.lambda_init={LAMBDA_INIT}",
+            f"lagrange.lr={LAMBDA_LR}",
             "lagrange.threshold=0.0", "lagrange.delay=0", "lagrange.window=128", "lagrange.lambda_max=1000",
             f"rollout.backend={backend}",
             "rollout.verify_sync=true"]
