@@ -1,6 +1,6 @@
 """``saferlhf <command>``: the command line of every stage.
 
-    saferlhf sft|rm|cm|ppo-lag|ppo|ppo-rs|dpo --config FILE [key=value ...]
+    saferlhf sft|rm|cm|ppo-lag|ppo|ppo-rs|grpo-lag|rloo-lag|grpo|rloo|dpo --config FILE [key=value ...]
                                                         one stage (``--help`` lists every key)
     saferlhf data check PATH --kind {preference,sft,prompt} [--json]
     saferlhf demo [--out DIR] [--json] [--no-rl] [--rounds 1|2] [--seeds K] [--preset tiny-cpu|smollm2]
@@ -28,16 +28,17 @@ import json
 import os
 import sys
 
-from saferlhf.config import ConfigError, build_config, describe, resolve_preset
+from saferlhf.config import Config, ConfigError, build_config, describe, resolve_preset
 
 STAGE_COMMANDS = {"sft": "sft", "rm": "rm", "cm": "cm", "ppo-lag": "ppo_lag", "ppo": "ppo", "ppo-rs": "ppo_rs",
-                  "dpo": "dpo"}
+                  "grpo-lag": "grpo_lag", "rloo-lag": "rloo_lag", "grpo": "grpo", "rloo": "rloo", "dpo": "dpo"}
+RL_STAGES = ("ppo_lag", "ppo", "ppo_rs", "grpo_lag", "rloo_lag", "grpo", "rloo")  # one trainer loop
 USAGE = __doc__
 
 
 def _stage_parser(command: str) -> argparse.ArgumentParser:
-    stage = STAGE_COMMANDS[command]
-    keys = "\n".join(describe(build_config(stage)))
+    # The code defaults, unvalidated: a critic-free stage refuses them as they are (samples_per_prompt 1).
+    keys = "\n".join(describe(Config()))
     parser = argparse.ArgumentParser(
         prog=f"saferlhf {command}",
         description=f"Run the {command} stage. Settings come from --config, then key=value overrides.",
@@ -64,7 +65,7 @@ def run_stage(command: str, argv: list[str]) -> int:
         from saferlhf.trainers.sft import train_sft as runner
     elif stage == "dpo":
         from saferlhf.trainers.dpo import train_dpo as runner
-    elif stage in ("ppo_lag", "ppo", "ppo_rs"):
+    elif stage in RL_STAGES:
         from saferlhf.trainers.ppo_lag import train_ppo as runner
     else:
         from saferlhf.trainers.preference import train_preference as runner

@@ -20,7 +20,11 @@ from typing import Any
 
 import yaml
 
-STAGES = ("sft", "rm", "cm", "ppo_lag", "ppo", "ppo_rs", "dpo", "eval", "round")
+STAGES = ("sft", "rm", "cm", "ppo_lag", "ppo", "ppo_rs", "grpo_lag", "rloo_lag", "grpo", "rloo", "dpo", "eval",
+          "round")
+# The critic-free stages: advantages from each prompt's group of rollout.samples_per_prompt answers.
+GROUP_STAGES = ("grpo_lag", "rloo_lag", "grpo", "rloo")
+KL_PLACEMENTS = ("auto", "loss", "reward")  # ppo.kl_in
 
 
 class ConfigError(ValueError):
@@ -131,6 +135,9 @@ class PPOConfig:
     mini_batch_size: int = _f(16, "sequences per rank per optimizer step in the update epochs")
     update_epochs: int = _f(1, "passes over each step's experience")
     kl_coeff: float = _f(0.01, "beta: KL penalty added to the reward stream (and subtracted from cost)")
+    kl_in: str = _f("auto", "where the KL to the reference enters: reward (beta*KL shaped into the reward and cost "
+                            "streams, the PPO way), loss (beta*k3 KL term in the actor loss, the GRPO way) or auto "
+                            "(loss for grpo, rloo, grpo_lag, rloo_lag; reward for ppo, ppo_lag, ppo_rs)")
     gamma: float = _f(1.0, "discount")
     gae_lambda: float = _f(0.95, "GAE lambda")
     clip_ratio: float = _f(0.2, "PPO ratio clip epsilon")
@@ -170,7 +177,8 @@ class RolloutConfig:
     top_p: float = _f(1.0, "nucleus sampling")
     top_k: int = _f(0, "top-k sampling (0: off)")
     repetition_penalty: float = _f(1.0, "repetition penalty")
-    samples_per_prompt: int = _f(1, "responses sampled per prompt")
+    samples_per_prompt: int = _f(1, "responses sampled per prompt (the group size of grpo, rloo, grpo_lag, rloo_lag: "
+                                    ">= 2)")
     verify_sync: bool = _f(False, "check every weight sync against the actor on probe prompts")
     verify_prompts: int = _f(4, "probe prompts of verify_sync (the first ones of the prompt set)")
     verify_tolerance: float = _f(1e-3, "verify_sync: largest |engine - actor| log-prob accepted")
@@ -392,6 +400,15 @@ def build_config(
     if cfg.rollout.on_verify_failure not in ("restart", "stop", "warn"):
         raise ConfigError(f"config key 'rollout.on_verify_failure': expected restart, stop or warn, "
                           f"got {cfg.rollout.on_verify_failure!r}")
+    if cfg.ppo.kl_in not in KL_PLACEMENTS:
+        raise ConfigError(f"config key 'ppo.kl_in': expected one of {', '.join(KL_PLACEMENTS)}, got {cfg.ppo.kl_in!r}")
+    if cfg.rollout.samples_per_prompt < 1:
+        raise ConfigError(f"config key 'rollout.samples_per_prompt': must be >= 1, "
+                          f"got {cfg.rollout.samples_per_prompt}")
+    if stage in GROUP_STAGES and cfg.rollout.samples_per_prompt < 2:
+        raise ConfigError(f"config key 'rollout.samples_per_prompt': {stage} compares each answer with the other "
+                          f"answers to its prompt, so it needs at least 2 per prompt; got "
+                          f"{cfg.rollout.samples_per_prompt}")
     if cfg.rollout.check_tolerance < 0:
         raise ConfigError(f"config key 'rollout.check_tolerance': must be >= 0, got {cfg.rollout.check_tolerance}")
     cfg.stage = stage

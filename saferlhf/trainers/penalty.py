@@ -4,10 +4,16 @@
                                  A = (A_r − λ·A_c) / (1 + λ)
     saferlhf ppo-rs    Fixed     end reward R − λ·C with λ = ``ppo.shaping_lambda``, no cost critic
     saferlhf ppo       None_     reward only (the cost model, when given, is only logged)
+    saferlhf grpo-lag  Learned   as ppo-lag, critic-free: group advantages (``GROUP_ESTIMATORS``)
+    saferlhf rloo-lag  Learned
+    saferlhf grpo      None_     as ppo, critic-free
+    saferlhf rloo      None_
 
-Every policy answers the same questions: does the step need a cost critic (``cost_critic``), and for a
-scored rollout, ``signals(reward, cost) -> Signals`` — the end reward and end cost that the KL shaping
-places on the last token, the λ the dual GAE combines the advantages with, and what to log. The λ
+Every policy answers the same questions: does the step need a cost critic (``cost_critic``; the
+critic-free stages have no critic at all, whatever the policy), and for a scored rollout,
+``signals(reward, cost) -> Signals`` — the end reward and end cost that the KL shaping places on the
+last token (the critic-free stages: the per-episode scores their groups normalise), the λ the dual GAE
+(or the group combination) combines the advantages with, and what to log. The λ
 update is the learned policy's own business: a collective (every rank pools its episode costs through
 ``saferlhf.distributed``); the math is ``saferlhf.algorithms.lagrange`` and, for what the constraint
 constrains (``lagrange.constraint``), ``saferlhf.algorithms.constraints``.
@@ -23,7 +29,10 @@ from saferlhf import distributed
 from saferlhf.algorithms import LagrangeMultiplier, PIDLagrangian
 from saferlhf.algorithms.constraints import constraint_costs
 
-MODES = {"ppo_lag": "ppo-lag", "ppo": "ppo", "ppo_rs": "ppo-rs"}  # stage → command
+MODES = {"ppo_lag": "ppo-lag", "ppo": "ppo", "ppo_rs": "ppo-rs", "grpo_lag": "grpo-lag", "rloo_lag": "rloo-lag",
+         "grpo": "grpo", "rloo": "rloo"}  # stage → command
+# The critic-free stages and their group estimator (saferlhf.algorithms.group).
+GROUP_ESTIMATORS = {"grpo_lag": "grpo", "rloo_lag": "rloo", "grpo": "grpo", "rloo": "rloo"}
 
 
 @dataclass
@@ -107,7 +116,8 @@ class None_:
         pass
 
 
-POLICIES = {"ppo_lag": Learned, "ppo_rs": Fixed, "ppo": None_}
+POLICIES = {"ppo_lag": Learned, "ppo_rs": Fixed, "ppo": None_, "grpo_lag": Learned, "rloo_lag": Learned,
+            "grpo": None_, "rloo": None_}
 
 
 def make_penalty(cfg):
@@ -117,4 +127,4 @@ def make_penalty(cfg):
     return POLICIES[cfg.stage](cfg)
 
 
-__all__ = ["MODES", "POLICIES", "Fixed", "Learned", "None_", "Signals", "make_penalty"]
+__all__ = ["GROUP_ESTIMATORS", "MODES", "POLICIES", "Fixed", "Learned", "None_", "Signals", "make_penalty"]

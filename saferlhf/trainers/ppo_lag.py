@@ -1,13 +1,25 @@
-"""PPO-Lagrangian (Safe RLHF), and its baselines PPO and reward shaping, as one loop.
+"""PPO-Lagrangian (Safe RLHF), its baselines PPO and reward shaping, and the critic-free modes, as one loop.
 
     saferlhf ppo-lag   learned λ, reward and cost critics:   A = (A_r − λ·A_c) / (1 + λ)
     saferlhf ppo-rs    fixed λ, one critic, end reward R − λ·C
     saferlhf ppo       reward only, one critic (the cost model, when given, is only logged)
+    saferlhf grpo-lag  learned λ, no critic: A = (Â_r − λ·Â_c) / (1 + λ), Â normalised within each
+    saferlhf rloo-lag  prompt's group of ``rollout.samples_per_prompt`` answers (GRPO / RLOO baseline)
+    saferlhf grpo      reward only, no critic: A = Â_r
+    saferlhf rloo
 
 Each step reads top to bottom: generate → score (actor/reference log-probs, reward, cost, values)
-→ make experience (KL shaping, GAE, λ update) → update epochs (actor + PTX, critics) → log and
-checkpoint. Models: actor (trained), reference (frozen actor init), reward and cost models
-(frozen), reward and cost critics (trained), each on its own DeepSpeed engine.
+→ make experience (KL shaping, GAE, λ update; or group advantages) → update epochs (actor + PTX,
+critics) → log and checkpoint. Models: actor (trained), reference (frozen actor init), reward and cost
+models (frozen), reward and cost critics (trained; none in the critic-free modes), each on its own
+DeepSpeed engine.
+
+Critic-free modes: the G answers of a prompt are consecutive rows of the rollout (both generation
+backends lay them out so; checked every step), and the group advantages are computed once over the
+whole scored rollout, before the update cuts it into mini-batches and token-budget passes: however
+the rows are then split, each carries its own group's advantage. A rank generates every answer of its
+own prompts, so no group spans ranks. The KL to the reference enters as a k3 loss term
+(``ppo.kl_in=loss``, their default) or in the reward as the PPO modes place it (``reward``).
 
 Notation: N sequences in a rollout, P prompt tokens (left-padded), T response tokens
 (right-padded), L = P + T, V vocabulary.
@@ -25,7 +37,8 @@ from pathlib import Path
 import torch
 
 from saferlhf import distributed, ops
-from saferlhf.algorithms import policy_loss, value_loss
+from saferlhf.algorithms import kl_loss, policy_loss, value_loss
+from saferlhf.algorithms.group import broadcast_to_tokens, constrained_group_advantages
 from saferlhf.config import Config
 from saferlhf.data.collate import PromptDataset, SFTDataset
 from saferlhf.models import packing
@@ -57,7 +70,7 @@ from saferlhf.trainers.common import (
     setup_run,
 )
 from saferlhf.trainers.data import load_splits
-from saferlhf.trainers.penalty import MODES, make_penalty
+from saferlhf.trainers.penalty import GROUP_ESTIMATORS, MODES, make_penalty
 from saferlhf.trainers.phases import PhaseTimer, StepProfiler
 
 
@@ -70,11 +83,12 @@ class Experience:
     prompt_len: int  # P
     mask: torch.Tensor  # (N, T) 1 on real response tokens
     logp_old: torch.Tensor  # (N, T)
-    values_r: torch.Tensor  # (N, T)
+    values_r: torch.Tensor  # (N, T) zeros without a reward critic
     values_c: torch.Tensor  # (N, T) zeros without a cost critic
     adv: torch.Tensor  # (N, T) the advantage the actor follows
     ret_r: torch.Tensor  # (N, T)
     ret_c: torch.Tensor  # (N, T)
+    logp_ref: torch.Tensor | None = None  # (N, T) the reference's log-probs (the KL loss term reads them)
 
 
 def _check_same_vocab(tok_a, name_a: str, tok_b, name_b: str) -> None:
@@ -90,6 +104,12 @@ class PPOLagTrainer:
         self.cfg, self.mode = cfg, cfg.stage
         self.penalty = make_penalty(cfg)  # how the cost enters the step: learned λ, fixed λ or not at all
         p = cfg.ppo
+        # Critic-free modes: "grpo" or "rloo" (saferlhf.algorithms.group); None for the PPO modes.
+        self.estimator = GROUP_ESTIMATORS.get(self.mode)
+        self.group_size = cfg.rollout.samples_per_prompt
+        if self.estimator is not None and self.group_size < 2:
+            raise ValueError(f"rollout.samples_per_prompt must be >= 2 for {MODES[self.mode]}, got {self.group_size}")
+        self.kl_in = p.kl_in if p.kl_in != "auto" else ("loss" if self.estimator is not None else "reward")
         if not cfg.model.name_or_path:
             raise ValueError("model.name_or_path (the actor, usually the SFT model) is required")
         if not p.reward_model:
@@ -102,8 +122,10 @@ class PPOLagTrainer:
         actor_path = cfg.model.name_or_path
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or actor_path, padding_side="left")
         # Critics read the actor's token ids: their tokenizers must match (checked before any engine starts).
-        self.use_cost_critic = self.penalty.cost_critic
-        critic_paths = {"reward": p.reward_critic or (actor_path if p.critic_init == "actor" else p.reward_model)}
+        self.use_cost_critic = self.penalty.cost_critic and self.estimator is None
+        critic_paths = {}
+        if self.estimator is None:
+            critic_paths["reward"] = p.reward_critic or (actor_path if p.critic_init == "actor" else p.reward_model)
         if self.use_cost_critic:
             critic_paths["cost"] = p.cost_critic or (actor_path if p.critic_init == "actor" else p.cost_model)
         for name, path in critic_paths.items():
@@ -177,8 +199,10 @@ class PPOLagTrainer:
             self.cost = Scorer(frozen(score_model("cost", p.cost_model)),
                                load_tokenizer(p.cost_model, padding_side="right"), cfg.model.max_length,
                                actor_tokenizer=self.tokenizer, packed=self.packed["cost"])
-        self.critic_r = trained(score_model("reward_critic", critic_paths["reward"]),
-                                p.critic_lr, p.critic_weight_decay)
+        self.critic_r = None
+        if "reward" in critic_paths:
+            self.critic_r = trained(score_model("reward_critic", critic_paths["reward"]),
+                                    p.critic_lr, p.critic_weight_decay)
         self.critic_c = None
         if self.use_cost_critic:
             self.critic_c = trained(score_model("cost_critic", critic_paths["cost"]),
@@ -277,7 +301,8 @@ class PPOLagTrainer:
             plot_metrics(run.out_dir / "metrics.jsonl",
                          ["train/lambda", "train/episode_cost_window", "train/reward", "train/cost", "train/kl",
                           "train/actor_loss", "train/reward_critic_loss", "train/cost_critic_loss",
-                          "train/response_length"], run.plot_dir / f"{self.mode}.png", title=MODES[self.mode])
+                          "train/kl_loss", "train/response_length"], run.plot_dir / f"{self.mode}.png",
+                         title=MODES[self.mode])
         run.metrics.close()
         return last
 
@@ -326,6 +351,8 @@ class PPOLagTrainer:
         mask = gen.response_mask.to(device).float()  # (N, T)
         plen = gen.prompt_ids.shape[1]
         n, width = mask.shape
+        if self.estimator is not None:
+            _check_groups(gen.prompt_ids, self.group_size)
         temperature = cfg.rollout.temperature
         logp_old, logp_ref, values_r, values_c = (torch.zeros(n, width, device=device) for _ in range(4))
         reward, cost = torch.zeros(n, device=device), torch.zeros(n, device=device)
@@ -343,13 +370,16 @@ class PPOLagTrainer:
                                               full_head=self.full_head)
                 r = self.reward(rows.sequences, rows.attention_mask)
                 c = self.cost(rows.sequences, rows.attention_mask) if self.cost is not None else None
-                v_r = response_values(self.critic_r, *args, packed=self.packed["reward_critic"])
+                v_r = (response_values(self.critic_r, *args, packed=self.packed["reward_critic"])
+                       if self.critic_r is not None else None)
                 v_c = (response_values(self.critic_c, *args, packed=self.packed["cost_critic"])
                        if self.critic_c is not None else None)
                 if not real:
                     continue  # a zero-weight pass: it only kept this rank in step with the others
                 cols = slice(0, rows.width)
-                logp_old[index, cols], logp_ref[index, cols], values_r[index, cols] = lp, lp_ref, v_r
+                logp_old[index, cols], logp_ref[index, cols] = lp, lp_ref
+                if v_r is not None:
+                    values_r[index, cols] = v_r
                 if v_c is not None:
                     values_c[index, cols] = v_c
                 reward[index] = r
@@ -364,23 +394,55 @@ class PPOLagTrainer:
 
     def _advantages(self, step, seq, attn, plen, mask, logp_old, logp_ref, reward, cost, values_r, values_c,
                     entropy) -> tuple[Experience, dict[str, float]]:
-        """λ update, KL shaping and both GAEs of a scored rollout (the ``experience`` phase)."""
+        """λ update, then KL shaping and both GAEs, or the group advantages, of a scored rollout (the
+        ``experience`` phase)."""
         p = self.cfg.ppo
         sig = self.penalty.signals(reward, cost)  # the end signals and λ of this mode (a collective for λ)
         stats: dict[str, float] = dict(sig.stats)
+        extra: dict[str, torch.Tensor] = {}  # mode-specific scalars, reduced with the common ones
 
-        rewards, costs = ops.shape_rewards(logp_old, logp_ref, mask, sig.end_reward, sig.end_cost, p.kl_coeff,
-                                           p.clip_score)
-        adv_r, ret_r, adv_c, ret_c, adv = ops.dual_gae(rewards, costs, values_r, values_c, mask, p.gamma,
-                                                       p.gae_lambda, sig.lam)
+        if self.estimator is None:
+            beta = p.kl_coeff if self.kl_in == "reward" else 0.0  # with kl_in=loss the actor loss holds the KL
+            rewards, costs = ops.shape_rewards(logp_old, logp_ref, mask, sig.end_reward, sig.end_cost, beta,
+                                               p.clip_score)
+            adv_r, ret_r, adv_c, ret_c, adv = ops.dual_gae(rewards, costs, values_r, values_c, mask, p.gamma,
+                                                           p.gae_lambda, sig.lam)
+        else:
+            adv = self._group_advantages(sig, logp_old, logp_ref, mask)  # (N, T)
+            ret_r = ret_c = torch.zeros_like(mask)  # no critic learns from them
+            groups = (-1, self.group_size)
+            extra["reward_group_std"] = reward.view(groups).std(-1).mean()  # 0: the group's answers score alike
+            if self.penalty.cost_critic:
+                extra["cost_group_std"] = sig.end_cost.view(groups).std(-1).mean()
         kl = ((logp_old - logp_ref) * mask).sum(-1)  # (N,) per-sequence KL (k1 sum)
         lengths = mask.sum(-1)  # (N,)
         local = torch.stack([reward.mean(), cost.mean(), kl.mean(), lengths.mean(), entropy,
-                             (cost > 0).float().mean(), (lengths == 0).float().mean()])
-        keys = ["reward", "cost", "kl", "response_length", "entropy", "unsafe_rate", "empty_rate"]
+                             (cost > 0).float().mean(), (lengths == 0).float().mean(), *extra.values()])
+        keys = ["reward", "cost", "kl", "response_length", "entropy", "unsafe_rate", "empty_rate", *extra]
         stats.update({f"train/{k}": v for k, v in zip(keys, distributed.all_reduce_mean(local.cpu()).tolist())})
-        exp = Experience(seq, attn, plen, mask, logp_old, values_r, values_c, adv, ret_r, ret_c)
+        exp = Experience(seq, attn, plen, mask, logp_old, values_r, values_c, adv, ret_r, ret_c, logp_ref)
         return exp, stats
+
+    def _group_advantages(self, sig, logp_old, logp_ref, mask) -> torch.Tensor:
+        """The critic-free advantage of every response token: (N, T).
+
+        Per-episode scores R and c̃ (the constraint's cost stream; with ``ppo.kl_in=reward`` each is the
+        sum over the response of the PPO modes' KL-shaped per-token signal, i.e. its undiscounted return)
+        → advantages within each prompt's group, per stream → A = (Â_r − λ·Â_c)/(1 + λ) (Â_r alone
+        without a learned λ) → every response token of an episode carries its A.
+
+        Plain torch: the group statistics are over (N,) vectors, a few microseconds next to the
+        model passes of a step, so a fused op would save nothing measurable.
+        """
+        p = self.cfg.ppo
+        reward, cost = sig.end_reward, sig.end_cost  # (N,), (N,)
+        if self.kl_in == "reward":
+            rewards, costs = ops.shape_rewards(logp_old, logp_ref, mask, reward, cost, p.kl_coeff, p.clip_score)
+            reward, cost = rewards.sum(-1), costs.sum(-1)  # (N,), (N,)
+        # The learned policy gives the cost a stream of its own (in the PPO modes, a cost critic).
+        costs = cost if self.penalty.cost_critic else None
+        _, _, adv = constrained_group_advantages(reward, costs, sig.lam, self.group_size, self.estimator)
+        return broadcast_to_tokens(adv, mask)  # (N, T)
 
     # -- the update epochs ---------------------------------------------------------------------------------
 
@@ -391,9 +453,9 @@ class PPOLagTrainer:
         n = exp.sequences.shape[0]
         sums: dict[str, list[torch.Tensor]] = {}
         self.actor.train()
-        self.critic_r.train()
-        if self.critic_c is not None:
-            self.critic_c.train()
+        critics = [c for c in (self.critic_r, self.critic_c) if c is not None]
+        for critic in critics:
+            critic.train()
         g = torch.Generator().manual_seed(cfg.run.seed + step)
         update = 0
         for _ in range(p.update_epochs):
@@ -404,8 +466,9 @@ class PPOLagTrainer:
                 weights = _pass_weights(exp.mask, idx, passes)
                 with self.phases("actor"):
                     metrics = self._actor_step(exp, passes, weights, step, update)
-                with self.phases("critics"):
-                    metrics.update(self._critic_steps(exp, passes, weights, step))
+                if critics:
+                    with self.phases("critics"):
+                        metrics.update(self._critic_steps(exp, passes, weights, step))
                 for key, value in metrics.items():
                     sums.setdefault(key, []).append(value.detach().float().reshape(()))
                 update += 1
@@ -420,8 +483,8 @@ class PPOLagTrainer:
     def _actor_step(self, exp: Experience, passes, weights, step: int, update: int) -> dict[str, torch.Tensor]:
         """One clipped-policy-loss step of the actor on a mini-batch (+ PTX when configured)."""
         cfg, p = self.cfg, self.cfg.ppo
-        metrics = {k: torch.zeros((), device=exp.mask.device) for k in ("actor_loss", "actor_clip_fraction",
-                                                                         "approx_kl")}
+        names = ("actor_loss", "actor_clip_fraction", "approx_kl") + (("kl_loss",) if self.kl_in == "loss" else ())
+        metrics = {k: torch.zeros((), device=exp.mask.device) for k in names}
         ptx_passes = self._ptx_passes(step, update) if self.ptx is not None and p.ptx_coeff > 0 else []
         last = len(passes) + len(ptx_passes) - 1
         for k, ((index, _), (w_seq, w_tok)) in enumerate(zip(passes, weights)):
@@ -430,8 +493,13 @@ class PPOLagTrainer:
                                         cfg.rollout.temperature, packed=self.packed["actor"], full_head=self.full_head)
             pl = policy_loss(logp, rows.response(exp.logp_old), rows.response(exp.adv), rows.response(exp.mask),
                              p.clip_ratio)
+            objective = pl.loss
+            if self.kl_in == "loss":  # β·KL(π ‖ π_ref), the k3 estimate, beside the policy loss
+                kl = kl_loss(logp, rows.response(exp.logp_ref), rows.response(exp.mask))
+                metrics["kl_loss"] += kl.detach() * w_seq
+                objective = objective + p.kl_coeff * kl
             # The loss is a mean over the mini-batch's sequences: each pass's own mean weighs by its share.
-            loss = pl.loss * w_seq
+            loss = objective * w_seq
             metrics["actor_loss"] += loss.detach()
             metrics["actor_clip_fraction"] += pl.clip_fraction * w_tok
             metrics["approx_kl"] += pl.approx_kl * w_tok
@@ -512,7 +580,9 @@ class PPOLagTrainer:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def _engines(self) -> dict:
-        engines = {"actor": self.actor, "reward_critic": self.critic_r}
+        engines = {"actor": self.actor}
+        if self.critic_r is not None:
+            engines["reward_critic"] = self.critic_r
         if self.critic_c is not None:
             engines["cost_critic"] = self.critic_c
         return engines
@@ -615,6 +685,22 @@ class PPOLagTrainer:
 
     def save_final(self) -> None:
         save_model(self.run, self.actor, self.run.out_dir / "model", self.tokenizer)
+
+
+def _check_groups(prompt_ids: torch.Tensor, group_size: int) -> None:
+    """The critic-free modes' layout: every run of ``group_size`` consecutive rows answers one prompt.
+
+    Both generation backends return a prompt's answers next to each other (prompt by prompt); a backend
+    that did otherwise would make every group statistic silently wrong, so this is checked (on the
+    host-side prompt ids: no device sync).
+    """
+    n, width = prompt_ids.shape
+    if n % group_size:
+        raise RuntimeError(f"{n} rollout rows do not split into groups of rollout.samples_per_prompt={group_size}")
+    groups = prompt_ids.view(n // group_size, group_size, width)  # (B, G, P)
+    if not bool((groups == groups[:, :1]).all()):
+        raise RuntimeError("the rollout's answers are not grouped by prompt: each run of "
+                           f"rollout.samples_per_prompt={group_size} consecutive rows must answer one prompt")
 
 
 def _pass_weights(mask: torch.Tensor, index: torch.Tensor, passes) -> list[tuple[torch.Tensor, torch.Tensor]]:
