@@ -2,6 +2,8 @@
 
     python benchmarks/equilibrium.py [--seeds 42,43,44] [--steps 300] [--configs NAME,...] [--out DIR] [--json FILE]
 
+(``--configs`` defaults to the four constraint forms, ``DEFAULT_CONFIGS``.)
+
 For every seed: the toy world's base model, SFT, reward and cost models of the ``tiny-cpu`` preset (as
 ``saferlhf demo`` trains them, ``run.seed`` = the seed), then one PPO-Lag run per configuration from that
 SFT model, ``--steps`` steps long. Each run is judged by
@@ -12,9 +14,12 @@ SFT model, ``--steps`` steps long. Each run is judged by
   (``train/unsafe_rate``, on the run's harmful prompts), the mean J_C and λ, and λ's spread (settled
   when its relative spread is small and J_C sits at d).
 
-Configurations (``CONFIGS``): the paper's mean-cost constraint at d = 0 (the preset's), the chance
-constraint ``unsafe_rate`` at d = 0.05 and 0.20, and RePO's ``rectified`` cost. Prints a table per
-configuration (mean over seeds, and every seed) and one JSON line.
+Configurations (``CONFIGS``): the paper's mean-cost constraint at d = 0, the chance constraint
+``unsafe_rate`` at d = 0.05 (the demo's) and 0.20 (also with a 5x slower λ), RePO's ``rectified``
+cost, and the preset's own stages as the demo runs them (``preset_ppo_lag``, ``preset_grpo_lag``,
+``preset_rloo_lag``, ``preset_grpo``; with ``--steps 150``), which also report the training side's
+seconds per step and the peak resident memory. Prints a table (mean over seeds, and every seed) and
+one JSON line.
 """
 
 from __future__ import annotations
@@ -34,14 +39,37 @@ import_saferlhf()
 from saferlhf.config import build_config, resolve_preset  # noqa: E402
 
 QUIET = ["run.progress=false", "run.tensorboard=false"]
-# name → overrides of the preset's ppo_lag stage. λ's learning rate follows the scale of J_C − d: the
-# signed and rectified costs move over several units (the preset's 0.004), the unsafe share over [0, 1].
+# name → overrides of the preset's ppo_lag stage, spelled out in full so that the runs do not follow the
+# preset's own choice (the demo's). The policy's learning rate is 1e-4 in every run. λ's learning rate
+# follows the scale of J_C − d: the signed and rectified costs move over several units (0.004, λ ≤ 5), the
+# unsafe share over [0, 1] while the reward moves over several units, so λ needs room far above 5 there.
+BASE = ["optim.lr=1e-4", "lagrange.lambda_init=1.0"]
 CONFIGS = {
-    "mean_cost_d0": ["lagrange.constraint=mean_cost", "lagrange.threshold=0.0"],
-    "unsafe_rate_0.05": ["lagrange.constraint=unsafe_rate", "lagrange.threshold=0.05", "lagrange.lr=0.1"],
-    "unsafe_rate_0.20": ["lagrange.constraint=unsafe_rate", "lagrange.threshold=0.2", "lagrange.lr=0.1"],
-    "rectified_d0": ["lagrange.constraint=rectified", "lagrange.threshold=0.0"],
+    "mean_cost_d0": [*BASE, "lagrange.constraint=mean_cost", "lagrange.threshold=0.0", "lagrange.lr=0.004",
+                     "lagrange.lambda_max=5"],
+    "unsafe_rate_0.05": [*BASE, "lagrange.constraint=unsafe_rate", "lagrange.threshold=0.05", "lagrange.lr=0.1",
+                         "lagrange.lambda_max=100"],
+    "unsafe_rate_0.20": [*BASE, "lagrange.constraint=unsafe_rate", "lagrange.threshold=0.2", "lagrange.lr=0.1",
+                         "lagrange.lambda_max=100"],
+    # d = 0.20 with a 5x slower λ: the rule's step lr·λ·(J_C − d) grows with λ, and at 0.1 λ swings
+    # between its cap and a few units at this threshold instead of settling.
+    "unsafe_rate_0.20_lr0.02": [*BASE, "lagrange.constraint=unsafe_rate", "lagrange.threshold=0.2",
+                                "lagrange.lr=0.02", "lagrange.lambda_max=100"],
+    "rectified_d0": [*BASE, "lagrange.constraint=rectified", "lagrange.threshold=0.0", "lagrange.lr=0.004",
+                     "lagrange.lambda_max=5"],
+    # The preset's own RL stages as the demo runs them (its constraint, learning rate and 150-step budget;
+    # run with --steps 150): PPO-Lag against the critic-free modes at the same episodes per step.
+    "preset_ppo_lag": [],
+    "preset_grpo_lag": [],
+    "preset_rloo_lag": [],
+    "preset_grpo": [],
 }
+DEFAULT_CONFIGS = ("mean_cost_d0", "unsafe_rate_0.05", "unsafe_rate_0.20", "rectified_d0")
+
+
+def stage_of(name: str) -> str:
+    """The trainer stage of a configuration: what follows "preset_", else ppo_lag."""
+    return name.removeprefix("preset_") if name.startswith("preset_") else "ppo_lag"
 
 
 def models_for_seed(out: Path, seed: int) -> tuple[Path, Path, Path]:
@@ -70,19 +98,26 @@ def run(out: Path, seed: int, name: str, steps: int, sft: Path, rm: Path, cm: Pa
 
     run_dir = out / name
     if not (run_dir / "model" / "config.json").is_file():
-        train_ppo(build_config("ppo_lag", resolve_preset("tiny-cpu"), [
+        train_ppo(build_config(stage_of(name), resolve_preset("tiny-cpu"), [
             f"run.out_dir={run_dir}", f"model.name_or_path={sft}", f"ppo.reward_model={rm}", f"ppo.cost_model={cm}",
             f"run.seed={seed}", f"ppo.total_steps={steps}", "run.log_every=1", *QUIET, *CONFIGS[name]]))
     rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if "train/reward" in r]
     tail = rows[-max(1, len(rows) // 4):]
-    lams = [r["train/lambda"] for r in tail]
+    nan = float("nan")
+    lams = [r["train/lambda"] for r in tail if "train/lambda" in r] or [nan]  # the unconstrained modes log none
     truth = evaluate_policy(run_dir / "model")
     return {"harm_rate": truth["harm_rate"], "helpfulness": truth["helpfulness"],
             "harm_rate_ci": [truth["harm_rate_low"], truth["harm_rate_high"]],
             "tail_unsafe_rate": statistics.mean(r["train/unsafe_rate"] for r in tail),
-            "tail_cost_window": statistics.mean(r["train/episode_cost_window"] for r in tail),
-            "tail_lambda": statistics.mean(lams), "tail_lambda_sd": statistics.pstdev(lams),
-            "lambda_trace": [round(r["train/lambda"], 4) for r in read_trace(run_dir)][:: max(1, steps // 30)],
+            "tail_cost_window": statistics.mean(r.get("train/episode_cost_window", nan) for r in tail),
+            "tail_lambda": statistics.mean(lams), "tail_lambda_sd": statistics.pstdev(lams) if len(lams) > 1 else nan,
+            "lambda_trace": [round(r.get("train/lambda", nan), 4) for r in read_trace(run_dir)][:: max(1, steps // 30)],
+            # the training side (update epochs) per step, and the run's peak resident memory
+            "learn_seconds": statistics.median(r["time/learn"] for r in rows[1:] or rows),
+            "step_seconds": statistics.median(b["time"] - a["time"] for a, b in zip(rows, rows[1:])) if len(rows) > 1
+            else nan,
+            "peak_rss_gb": max(v for r in rows for k, v in r.items() if k.startswith("memory/") and
+                               k.endswith("_peak_rss_gb")),
             "steps": len(rows)}
 
 
@@ -95,7 +130,7 @@ def format_table(results: dict, names: list[str]) -> str:
     lines = [f"{results['steps']} steps, seeds {seeds}; ground truth of the final policies on 256 held-out "
              "prompts x 2",
              f"{'configuration':18} {'harm (mean)':>11} {'per seed':>24} {'helpful':>8} {'tail unsafe':>11} "
-             f"{'tail J_C':>9} {'tail λ':>12}"]
+             f"{'tail J_C':>9} {'tail λ':>12} {'learn s/step':>12} {'peak RSS GB':>11}"]
 
     def row(name: str, per_seed: dict, tail: bool) -> str:
         harms = [per_seed[s]["harm_rate"] for s in seeds]
@@ -106,6 +141,9 @@ def format_table(results: dict, names: list[str]) -> str:
                      f" {_mean([per_seed[s]['tail_cost_window'] for s in seeds]):+9.3f}"
                      f" {_mean([per_seed[s]['tail_lambda'] for s in seeds]):6.2f}"
                      f"±{_mean([per_seed[s]['tail_lambda_sd'] for s in seeds]):.2f}")
+            if all("learn_seconds" in per_seed[s] for s in seeds):
+                line += (f" {_mean([per_seed[s]['learn_seconds'] for s in seeds]):12.3f}"
+                         f" {_mean([per_seed[s]['peak_rss_gb'] for s in seeds]):11.2f}")
         return line
 
     lines.append(row("SFT", results["sft"], tail=False))
@@ -117,7 +155,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="42,43,44")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
     parser.add_argument("--out", type=Path, default=Path("runs/equilibrium"))
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
