@@ -55,6 +55,15 @@ CONFIGS = {
     # between its cap and a few units at this threshold instead of settling.
     "unsafe_rate_0.20_lr0.02": [*BASE, "lagrange.constraint=unsafe_rate", "lagrange.threshold=0.2",
                                 "lagrange.lr=0.02", "lagrange.lambda_max=100"],
+    # d = 0.20 with a PI(D) controller instead (lagrange.method=pid): λ = kp·e + ki·Σe (+ kd·Δe), e = J_C − d.
+    # The proportional term answers at once; a small integral does not wind up to the cap while the
+    # policy is still slow to follow λ (the gradient rule sits at λ_max for ~100 steps, then overshoots).
+    "unsafe_rate_0.20_pid": [*BASE, "lagrange.constraint=unsafe_rate", "lagrange.threshold=0.2",
+                             "lagrange.method=pid", "lagrange.kp=10", "lagrange.ki=0.2", "lagrange.kd=0",
+                             "lagrange.lambda_max=100"],
+    "unsafe_rate_0.20_pid_kd": [*BASE, "lagrange.constraint=unsafe_rate", "lagrange.threshold=0.2",
+                                "lagrange.method=pid", "lagrange.kp=10", "lagrange.ki=0.2", "lagrange.kd=100",
+                                "lagrange.lambda_max=100"],
     "rectified_d0": [*BASE, "lagrange.constraint=rectified", "lagrange.threshold=0.0", "lagrange.lr=0.004",
                      "lagrange.lambda_max=5"],
     # The preset's own RL stages as the demo runs them (its constraint, learning rate and 150-step budget;
