@@ -1,5 +1,6 @@
-"""Runs killed with SIGKILL at a random step, then resumed, log what uninterrupted runs log: PPO-Lag, SFT
-and the reward model.
+"""Runs killed with SIGKILL at a random step, then resumed, log what uninterrupted runs log: PPO-Lag, its
+critic-free counterpart GRPO-Lag (no critic engines; its groups of answers are drawn again after the
+resume), SFT and the reward model.
 
 The killed process gets no chance to clean up: it may die while writing a checkpoint (a ``.tmp-step-N``
 directory is left behind) or a metrics line (the file ends in half a line). ``--resume`` must start
@@ -25,12 +26,16 @@ from saferlhf.trainers.common import read_metrics
 STEPS = 6
 
 
-def _args(toy_models, out_dir) -> list[str]:
-    return ["ppo-lag", "--config", "tiny-cpu", f"run.out_dir={out_dir}", f"model.name_or_path={toy_models.sft}",
+# Per stage: the same episodes per step (PPO-Lag 8 prompts x 1 answer, GRPO-Lag 2 prompts x 4 answers).
+BATCH = {"ppo-lag": ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4"],
+         "grpo-lag": ["ppo.rollout_batch_size=2", "rollout.samples_per_prompt=4", "ppo.mini_batch_size=4"]}
+
+
+def _args(toy_models, out_dir, stage: str = "ppo-lag") -> list[str]:
+    return [stage, "--config", "tiny-cpu", f"run.out_dir={out_dir}", f"model.name_or_path={toy_models.sft}",
             f"ppo.reward_model={toy_models.rm}", f"ppo.cost_model={toy_models.cm}", "run.progress=false",
             "run.tensorboard=false", "run.deterministic=true", "run.log_every=1", "run.save_every=1",
-            "run.keep_checkpoints=2", f"run.max_steps={STEPS}", "ppo.rollout_batch_size=8",
-            "ppo.mini_batch_size=4", "rollout.max_new_tokens=12"]
+            "run.keep_checkpoints=2", f"run.max_steps={STEPS}", *BATCH[stage], "rollout.max_new_tokens=12"]
 
 
 def _comparable(rows: list[dict]) -> list[dict]:
@@ -75,18 +80,21 @@ def _kill_and_resume(args: list[str], killed, log, kill_after: int, steps: int) 
 
 
 @pytest.mark.slow
-def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(toy_models, tmp_path):
+@pytest.mark.parametrize("stage", ["ppo-lag", "grpo-lag"])
+def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(toy_models, tmp_path, stage):
     full = tmp_path / "full"
-    done = run_cli(_args(toy_models, full), timeout=900)
+    done = run_cli(_args(toy_models, full, stage), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     expected = _comparable(read_metrics(full / "metrics.jsonl"))
     assert [r["step"] for r in expected] == list(range(1, STEPS + 1))
 
     kill_after = _kill_step(2, STEPS - 2)  # the step whose metrics line triggers the kill
     killed = tmp_path / "killed"
-    checkpoints = _kill_and_resume(_args(toy_models, killed), killed, tmp_path / "killed.log", kill_after, STEPS)
+    checkpoints = _kill_and_resume(_args(toy_models, killed, stage), killed, tmp_path / "killed.log", kill_after,
+                                   STEPS)
     got = _comparable(read_metrics(killed / "metrics.jsonl"))
-    assert got == expected, f"killed after step {kill_after}, resumed from step {checkpoints[-1]}"
+    assert got == expected, f"{stage}: killed after step {kill_after}, resumed from step {checkpoints[-1]}"
+    assert "train/lambda" in expected[-1] and ("train/reward_critic_loss" in expected[-1]) == (stage == "ppo-lag")
     assert (killed / "model" / "config.json").is_file()
     assert json.loads((killed / "model" / "config.json").read_text())["model_type"] == "llama"
 
