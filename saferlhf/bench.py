@@ -15,7 +15,11 @@ Two configurations run one after the other on the same models, prompts, seed and
   (fused RMSNorm and SwiGLU; compiled decoder layers on CUDA at ZeRO 0-2, ``model.compile_layers=auto``)
   and packed, padding-free passes (``model.packing=true``);
 - ``padded`` — ``saferlhf`` with padded passes (``model.packing=false``): against ``saferlhf`` it
-  measures packing alone, ``packing_speedup`` (training side, padded over packed, same run).
+  measures packing alone, ``packing_speedup`` (training side, padded over packed, same run);
+- ``grpo_lag`` — ``saferlhf`` as the critic-free ``saferlhf grpo-lag`` (not in the default list): the
+  same sequences per step as ``--rollout`` / 4 prompts × 4 answers, no critic engines. Against
+  ``saferlhf`` it measures dropping the critics, ``critic_free_speedup`` (training side, PPO-Lag over
+  GRPO-Lag) and each one's peak memory.
 
 The untrained models answer up to ``--new-tokens`` every time; ``--lengths`` (default
 ``uniform:16:<new-tokens>``) cuts each sampled answer to a length drawn from a distribution
@@ -56,12 +60,15 @@ from pathlib import Path
 
 PHASES = ("generate", "score", "experience", "actor", "critics", "sync")
 TRAINING = ("score", "experience", "actor", "critics")
+GROUP = 4  # answers per prompt of the critic-free configuration
 CONFIGS = {
     "baseline": {"overrides": ["rollout.backend=hf", "model.compile_layers=false", "model.packing=false",
                                "model.fused_layers=false", "model.response_logits=false"],
                  "env": {"SAFERLHF_OPS": "reference"}},
     "saferlhf": {"overrides": ["rollout.backend=vllm", "model.packing=true"], "env": {}},
     "padded": {"overrides": ["rollout.backend=vllm", "model.packing=false"], "env": {}},
+    "grpo_lag": {"overrides": ["rollout.backend=vllm", "model.packing=true", f"rollout.samples_per_prompt={GROUP}"],
+                 "env": {}, "command": "grpo-lag"},
 }
 MODELS = ("tiny", "20m", "smollm2")
 
@@ -104,8 +111,18 @@ def _command(nproc: int) -> list[str]:
             str(free_port()), "-m", "saferlhf"]
 
 
+def _prompts(name: str, sequences: int) -> int:
+    """Prompts per rank per step that give ``sequences`` answers (``GROUP`` per prompt in ``grpo_lag``)."""
+    return sequences // GROUP if CONFIGS[name].get("command") == "grpo-lag" else sequences
+
+
+def _peak(summary: dict[str, float]) -> float:
+    """The highest peak memory of any phase (GB: CUDA allocated, or on CPU rank 0's resident set)."""
+    return max((v for k, v in summary.items() if k.endswith("_peak_gb") or k.endswith("_peak_rss_gb")), default=0.0)
+
+
 def run_config(name: str, args, models: dict[str, Path], out: Path, round_: int = 1) -> Path:
-    """One ``saferlhf ppo-lag`` run of configuration ``name``; returns its run directory
+    """One ``saferlhf ppo-lag`` (or ``grpo-lag``) run of configuration ``name``; returns its run directory
     (``out/<name>``, or ``out/<name>-<round>`` when there are several rounds)."""
     run_dir = out / (name if args.rounds == 1 else f"{name}-{round_}")
     overrides = [
@@ -113,7 +130,7 @@ def run_config(name: str, args, models: dict[str, Path], out: Path, round_: int 
         f"ppo.cost_model={models['cost']}", f"run.out_dir={run_dir}", f"run.max_steps={args.steps}",
         f"ppo.total_steps={args.steps}", "run.save_every=0", "run.log_every=1", "run.progress=false",
         "run.tensorboard=false", f"deepspeed.zero_stage={args.zero_stage}", f"rollout.max_new_tokens={args.new_tokens}",
-        f"ppo.rollout_batch_size={args.rollout}", f"ppo.mini_batch_size={args.mini_batch}",
+        f"ppo.rollout_batch_size={_prompts(name, args.rollout)}", f"ppo.mini_batch_size={args.mini_batch}",
         f"model.max_length={args.max_length}", f"run.seed={args.seed}", f"model.dtype={args.dtype}",
         f"rollout.synthetic_lengths={args.lengths}", "run.threads=0",  # this machine's cores per rank
         *CONFIGS[name]["overrides"], *(["run.profile=true"] if args.profile else []),
@@ -125,7 +142,7 @@ def run_config(name: str, args, models: dict[str, Path], out: Path, round_: int 
     env.pop("SAFERLHF_OPS", None)
     env.update(CONFIGS[name]["env"])
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    cmd = [*_command(args.nproc), "ppo-lag", "--config", args.config, *overrides]
+    cmd = [*_command(args.nproc), CONFIGS[name].get("command", "ppo-lag"), "--config", args.config, *overrides]
     print(f"[bench step] {name}: {' '.join(cmd[-len(overrides) - 3:])}", file=sys.stderr, flush=True)
     log = run_dir.parent / f"{run_dir.name}.log"
     with open(log, "w") as fh:
@@ -184,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="ranks (torchrun; default 2)")
     parser.add_argument("--zero-stage", type=int, default=3, choices=(0, 1, 2, 3), help="DeepSpeed ZeRO stage (3)")
     parser.add_argument("--steps", type=int, default=4, help="PPO steps per configuration, the first a warm-up (4)")
-    parser.add_argument("--rollout", type=int, default=8, help="prompts per rank per step (8)")
+    parser.add_argument("--rollout", type=int, default=8,
+                        help="sequences per rank per step (8): prompts, or grpo_lag's prompts x 4 answers")
     parser.add_argument("--mini-batch", type=int, default=8, help="sequences per rank per update (8)")
     parser.add_argument("--new-tokens", type=int, default=64, help="response length cap (64)")
     parser.add_argument("--lengths", default="",
@@ -222,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         parser.error(f"--configs: unknown {unknown}; known: {', '.join(CONFIGS)}")
+    if "grpo_lag" in configs and args.rollout % GROUP:
+        parser.error(f"--rollout {args.rollout}: grpo_lag answers {GROUP} times per prompt, so --rollout (sequences "
+                     f"per rank) must be a multiple of {GROUP}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -244,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         report["packing_speedup"] = results["padded"]["train"] / results["saferlhf"]["train"]
         print(f"packing speedup (training side, padded / packed): {report['packing_speedup']:.2f}x "
               f"({results['padded']['train']:.3f} s / {results['saferlhf']['train']:.3f} s)")
+    if {"grpo_lag", "saferlhf"} <= set(results):
+        lag, free = results["saferlhf"], results["grpo_lag"]
+        report["critic_free_speedup"] = lag["train"] / free["train"]
+        report["critic_free_peak"] = {"saferlhf": _peak(lag), "grpo_lag": _peak(free)}
+        print(f"critic-free speedup (training side, PPO-Lag / GRPO-Lag): {report['critic_free_speedup']:.2f}x "
+              f"({lag['train']:.3f} s / {free['train']:.3f} s); peak memory {_peak(lag):.2f} / {_peak(free):.2f} GB")
     if args.profile:
         for name in configs:
             for run_dir in run_dirs[name]:

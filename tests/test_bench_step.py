@@ -44,7 +44,8 @@ def test_bad_flags_are_usage_errors(capsys):
     for argv, message in ((["--steps", "1"], "--steps"), (["--configs", "fast"], "--configs"),
                           (["--nproc", "0"], "--nproc"), (["--rounds", "0"], "--rounds"),
                           (["--lengths", "normal:3"], "--lengths"),
-                          (["--lengths", "uniform:16:512", "--new-tokens", "64"], "longer than --new-tokens")):
+                          (["--lengths", "uniform:16:512", "--new-tokens", "64"], "longer than --new-tokens"),
+                          (["--configs", "saferlhf,grpo_lag", "--rollout", "6"], "must be a multiple of 4")):
         with pytest.raises(SystemExit) as e:
             bench.main(argv)
         assert e.value.code == 2
@@ -57,7 +58,8 @@ def test_bench_step_runs_both_configurations_and_profiles_them(tmp_path):
     out = tmp_path / "bench"
     result = run_cli(["bench", "step", "--model", "tiny", "--nproc", "1", "--zero-stage", "0", "--steps", "3",
                       "--rollout", "4", "--mini-batch", "4", "--new-tokens", "16", "--lengths", "uniform:2:16",
-                      "--max-length", "64", "--rounds", "1", "--out", str(out), "--profile", "--json"], timeout=900)
+                      "--max-length", "64", "--rounds", "1", "--configs", "baseline,saferlhf,padded,grpo_lag",
+                      "--out", str(out), "--profile", "--json"], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["lengths"] == "uniform:2:16"
@@ -85,6 +87,14 @@ def test_bench_step_runs_both_configurations_and_profiles_them(tmp_path):
     assert report["baseline"]["sync"] == 0.0 and report["saferlhf"]["sync"] > 0  # only the engine needs a push
     assert report["speedup"] == pytest.approx(report["baseline"]["step"] / report["saferlhf"]["step"])
     assert "overall speedup" in result.stdout
+    # The critic-free configuration: the same sequences per step (1 prompt x 4 answers), no critic phase.
+    free = read_metrics(out / "grpo_lag" / "metrics.jsonl")
+    assert report["grpo_lag"]["steps"] == 2 and any("train/response_length" in r for r in free)
+    assert report["grpo_lag"]["critics"] == 0.0 and report["grpo_lag"]["actor"] > 0
+    assert not any("train/reward_critic_loss" in r for r in free) and any("train/lambda" in r for r in free)
+    assert report["critic_free_speedup"] == pytest.approx(report["saferlhf"]["train"] / report["grpo_lag"]["train"])
+    assert set(report["critic_free_peak"]) == {"saferlhf", "grpo_lag"} and min(report["critic_free_peak"].values()) > 0
+    assert "critic-free speedup (training side" in result.stdout
 
 
 def test_synthetic_lengths_cut_responses_and_bad_specs_are_errors():
