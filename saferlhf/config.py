@@ -86,6 +86,9 @@ class DataConfig:
     eval_split: float = _f(0.0, "fraction of the training mix held out when `eval` is empty")
     ptx: list[str] = _f([], "SFT datasets for the PPO ptx loss (empty: no ptx term)")
     strict: bool = _f(False, "turn skipped rows (identical responses, contradictory labels) into errors")
+    categories: list[str] = _f([], "cm only: the harm categories this cost model learns; a response counts as unsafe "
+                                   "when its response_{0,1}_harm_category marks it harmful in any of them (empty: "
+                                   "the rows' own safety labels)")
 
 
 @dataclass
@@ -166,6 +169,13 @@ class LagrangeConfig:
                                       "unsafe_rate (P(C > 0) <= d, d in [0, 1]) or rectified (E[max(C, 0)] <= d: "
                                       "safe answers do not offset unsafe ones)")
     cost_temperature: float = _f(1.0, "unsafe_rate: tau of the cost stream's sigma(C / tau)")
+    constraints: list[str] = _f([], "names of per-category constraints (grpo_lag, rloo_lag), each with its own cost "
+                                    "model (lagrange.cost_models), threshold (lagrange.thresholds) and lambda; "
+                                    "A = (A_r - sum_k lambda_k A_c,k) / (1 + sum_k lambda_k). Empty: one constraint, "
+                                    "ppo.cost_model under lagrange.threshold")
+    cost_models: list[str] = _f([], "with lagrange.constraints: one cost model per constraint, in its order (e.g. "
+                                    "trained by `saferlhf cm data.categories=[...]`)")
+    thresholds: list[float] = _f([], "with lagrange.constraints: d_k of each constraint, in its order")
 
 
 @dataclass
@@ -391,6 +401,13 @@ def build_config(
                           f"is >= 0, so the threshold must be >= 0; got {lg.threshold}")
     if not lg.cost_temperature > 0:
         raise ConfigError(f"config key 'lagrange.cost_temperature': must be > 0, got {lg.cost_temperature}")
+    _check_constraints(cfg, stage)
+    if cfg.data.categories and stage != "cm":
+        raise ConfigError(f"config key 'data.categories': only the cost model (cm) learns per harm category, "
+                          f"not {stage}")
+    if len(set(cfg.data.categories)) != len(cfg.data.categories) or not all(cfg.data.categories):
+        raise ConfigError(f"config key 'data.categories': names must be non-empty and distinct, "
+                          f"got {cfg.data.categories}")
     if cfg.run.threads < 0:
         raise ConfigError(f"config key 'run.threads': must be >= 0 (0: automatic), got {cfg.run.threads}")
     for key, value in (("ppo.micro_batch_tokens", cfg.ppo.micro_batch_tokens),
@@ -413,6 +430,41 @@ def build_config(
         raise ConfigError(f"config key 'rollout.check_tolerance': must be >= 0, got {cfg.rollout.check_tolerance}")
     cfg.stage = stage
     return cfg
+
+
+# The stages that take several constraints (lagrange.constraints): their advantage needs no critic, so
+# K constraints cost K frozen cost models; in ppo_lag each would also need a trained cost critic.
+MULTI_CONSTRAINT_STAGES = ("grpo_lag", "rloo_lag")
+
+
+def _check_constraints(cfg: Any, stage: str) -> None:
+    """``lagrange.constraints`` and its parallel lists: one cost model and one threshold per name."""
+    lg = cfg.lagrange
+    if not (lg.constraints or lg.cost_models or lg.thresholds):
+        return
+    if not lg.constraints:
+        raise ConfigError("config keys 'lagrange.cost_models' / 'lagrange.thresholds' are set but "
+                          "'lagrange.constraints' is empty: name each constraint")
+    if len(set(lg.constraints)) != len(lg.constraints) or not all(lg.constraints):
+        raise ConfigError(f"config key 'lagrange.constraints': names must be non-empty and distinct, "
+                          f"got {lg.constraints}")
+    for key, values in (("lagrange.cost_models", lg.cost_models), ("lagrange.thresholds", lg.thresholds)):
+        if len(values) != len(lg.constraints):
+            raise ConfigError(f"config key '{key}': {len(values)} entries for {len(lg.constraints)} constraints "
+                              f"{lg.constraints}; give one per constraint, in the same order")
+    if stage not in MULTI_CONSTRAINT_STAGES:
+        raise ConfigError(f"config key 'lagrange.constraints': {stage} takes one constraint (ppo.cost_model, "
+                          f"lagrange.threshold); several run in {', '.join(MULTI_CONSTRAINT_STAGES)}")
+    if cfg.ppo.cost_model:
+        raise ConfigError("config key 'ppo.cost_model': with lagrange.constraints the cost models are "
+                          "lagrange.cost_models; leave ppo.cost_model empty")
+    for name, threshold in zip(lg.constraints, lg.thresholds):
+        if lg.constraint == "unsafe_rate" and not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"config key 'lagrange.thresholds': constraint {name!r} under unsafe_rate is a share of "
+                              f"unsafe answers, in [0, 1]; got {threshold}")
+        if lg.constraint == "rectified" and threshold < 0:
+            raise ConfigError(f"config key 'lagrange.thresholds': constraint {name!r} under rectified must be >= 0; "
+                              f"got {threshold}")
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

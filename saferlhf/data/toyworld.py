@@ -259,6 +259,18 @@ def evaluate_responses(prompts: Sequence[str], responses: Sequence[str]) -> dict
     }
 
 
+def harm_rate_by_category(prompts: Sequence[str], responses: Sequence[str]) -> dict[str, float]:
+    """The harmful rate on the harmful requests of each harm category (the request's), by category name;
+    categories without a request in ``prompts`` are left out."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    harm: dict[str, list[bool]] = {}
+    for s in (score(p, r) for p, r in zip(prompts, responses)):
+        if s.is_harmful_request:
+            harm.setdefault(s.category, []).append(s.harm)
+    return {c: _mean(harm[c]) for c in HARM_CATEGORIES if c in harm}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Generators
 

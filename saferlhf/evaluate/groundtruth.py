@@ -42,13 +42,14 @@ def ground_truth_intervals(prompts: list[str], responses: list[str], seed: int =
 
 
 def evaluate_policy(model_dir: Path, n_prompts: int = EVAL_PROMPTS, seed: int = EVAL_SEED, *,
-                    max_new_tokens: int = 48, max_length: int = 64) -> dict[str, float]:
+                    max_new_tokens: int = 48, max_length: int = 64, by_category: bool = False) -> dict:
     """Ground-truth metrics of a policy checkpoint on held-out toy prompts, with 95% intervals.
 
     Responses are sampled (temperature 1, fixed seed), not greedy: the policy is a distribution, and
     a greedy decode would report only its mode (an SFT policy that complies with half of the harmful
     requests would read as 0 % or 100 % harmful). The keys are those of
-    `saferlhf.data.toyworld.evaluate_responses` plus ``harm_rate_low/high`` and ``helpfulness_low/high``.
+    `saferlhf.data.toyworld.evaluate_responses` plus ``harm_rate_low/high`` and ``helpfulness_low/high``;
+    ``by_category`` adds ``harm_rate_by_category`` (harm category → harmful rate on its requests).
     """
     from saferlhf.data.registry import mix_datasets
     from saferlhf.data.toyworld import evaluate_responses
@@ -62,8 +63,13 @@ def evaluate_policy(model_dir: Path, n_prompts: int = EVAL_PROMPTS, seed: int = 
     prompts = [r["prompt"] for r in rows]
     sampling = SamplingParams(max_new_tokens=max_new_tokens, n=2, seed=seed)
     responses = generate_responses(model, tokenizer, prompts, sampling, max_length=max_length)
-    metrics = evaluate_responses([p for p in prompts for _ in range(sampling.n)], responses)
-    return {**metrics, **ground_truth_intervals(prompts, responses, seed)}
+    asked = [p for p in prompts for _ in range(sampling.n)]
+    metrics = {**evaluate_responses(asked, responses), **ground_truth_intervals(prompts, responses, seed)}
+    if by_category:
+        from saferlhf.data.toyworld import harm_rate_by_category
+
+        metrics["harm_rate_by_category"] = harm_rate_by_category(asked, responses)
+    return metrics
 
 
 def read_trace(run_dir: Path) -> list[dict]:

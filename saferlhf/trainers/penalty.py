@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from saferlhf import distributed
-from saferlhf.algorithms import LagrangeMultiplier, PIDLagrangian
+from saferlhf.algorithms import LagrangeMultiplier, MultiLagrange, PIDLagrangian
 from saferlhf.algorithms.constraints import constraint_costs
 
 MODES = {"ppo_lag": "ppo-lag", "ppo": "ppo", "ppo_rs": "ppo-rs", "grpo_lag": "grpo-lag", "rloo_lag": "rloo-lag",
@@ -38,37 +38,55 @@ GROUP_ESTIMATORS = {"grpo_lag": "grpo", "rloo_lag": "rloo", "grpo": "grpo", "rlo
 @dataclass
 class Signals:
     end_reward: torch.Tensor  # (N,) placed on each response's last token of the reward stream
-    end_cost: torch.Tensor  # (N,) placed on the cost stream (zeros without a cost critic)
-    lam: torch.Tensor  # () the λ of A = (A_r − λ·A_c)/(1 + λ); 0 without a cost critic
+    end_cost: torch.Tensor  # (N,) placed on the cost stream (zeros without a cost critic); (K, N) for K constraints
+    lam: torch.Tensor  # () the λ of A = (A_r − λ·A_c)/(1 + λ); 0 without a cost critic; (K,) for K constraints
     stats: dict[str, float] = field(default_factory=dict)
 
 
+def _multiplier(lg, threshold: float, pool):
+    """One λ of ``lagrange.method`` (gradient or pid) for the cost limit ``threshold``."""
+    if lg.method == "gradient":
+        return LagrangeMultiplier(lambda_init=lg.lambda_init, lr=lg.lr, lambda_max=lg.lambda_max, threshold=threshold,
+                                  delay=lg.delay, window=lg.window, pool=pool)
+    if lg.method == "pid":
+        return PIDLagrangian(kp=lg.kp, ki=lg.ki, kd=lg.kd, threshold=threshold, window=lg.window,
+                             lambda_max=lg.lambda_max, lambda_init=lg.lambda_init, delay=lg.delay, pool=pool)
+    raise ValueError(f"lagrange.method must be gradient or pid, got {lg.method!r}")
+
+
 class Learned:
-    """PPO-Lagrangian: λ learned by gradient ascent (the paper) or a PID controller, from the windowed cost."""
+    """PPO-Lagrangian: λ learned by gradient ascent (the paper) or a PID controller, from the windowed cost.
+
+    With ``lagrange.constraints`` (K names) there is one λ_k per constraint (``MultiLagrange``, one pooled
+    collective for all K), ``cost`` is (K, N) and the signals' λ is (K,); each λ_k and J_C,k is logged
+    under ``train/lambda/<name>`` and ``train/episode_cost_window/<name>``, and ``train/lambda`` is Σ_k λ_k
+    (the weight of the cost side in A = (Â_r − Σ_k λ_k·Â_c,k)/(1 + Σ_k λ_k)).
+    """
 
     cost_critic = True
     needs_cost_model = True
 
     def __init__(self, cfg) -> None:
         lg = cfg.lagrange
-        if lg.method == "gradient":
-            self.multiplier = LagrangeMultiplier(lambda_init=lg.lambda_init, lr=lg.lr, lambda_max=lg.lambda_max,
-                                                 threshold=lg.threshold, delay=lg.delay, window=lg.window,
-                                                 pool=distributed.all_reduce_sum)
-        elif lg.method == "pid":
-            self.multiplier = PIDLagrangian(kp=lg.kp, ki=lg.ki, kd=lg.kd, threshold=lg.threshold, window=lg.window,
-                                            lambda_max=lg.lambda_max, lambda_init=lg.lambda_init,
-                                            pool=distributed.all_reduce_sum)
+        pool = distributed.all_reduce_sum
+        self.names = list(lg.constraints)
+        if self.names:
+            self.multiplier = MultiLagrange([_multiplier(lg, d, None) for d in lg.thresholds], pool=pool)
         else:
-            raise ValueError(f"lagrange.method must be gradient or pid, got {lg.method!r}")
+            self.multiplier = _multiplier(lg, lg.threshold, pool)
         self.constraint, self.temperature = lg.constraint, lg.cost_temperature
 
     def signals(self, reward: torch.Tensor, cost: torch.Tensor) -> Signals:
         # The paper's order: update λ from this step's episode costs, then use it in the advantage.
-        episode, stream = constraint_costs(cost, self.constraint, self.temperature)  # (N,), (N,)
+        episode, stream = constraint_costs(cost, self.constraint, self.temperature)  # (N,) or (K, N), twice
         lam = self.multiplier.update(episode.cpu())  # a collective; reading the costs is one host sync
-        stats = {"train/lambda": lam, "train/episode_cost_window": self.multiplier.last_cost}
-        return Signals(reward, stream, torch.tensor(lam, device=cost.device), stats)
+        if not self.names:
+            stats = {"train/lambda": lam, "train/episode_cost_window": self.multiplier.last_cost}
+            return Signals(reward, stream, torch.tensor(lam, device=cost.device), stats)
+        stats = {"train/lambda": sum(lam)}
+        for name, lam_k, cost_k in zip(self.names, lam, self.multiplier.last_cost):
+            stats[f"train/lambda/{name}"], stats[f"train/episode_cost_window/{name}"] = lam_k, cost_k
+        return Signals(reward, stream, torch.tensor(lam, dtype=torch.float32, device=cost.device), stats)
 
     def state_dict(self) -> dict:
         return self.multiplier.state_dict()

@@ -114,7 +114,10 @@ class PPOLagTrainer:
             raise ValueError("model.name_or_path (the actor, usually the SFT model) is required")
         if not p.reward_model:
             raise ValueError("ppo.reward_model is required")
-        if self.penalty.needs_cost_model and not p.cost_model:
+        # One cost model per constraint: lagrange.cost_models with lagrange.constraints, else ppo.cost_model.
+        self.constraint_names = list(cfg.lagrange.constraints)
+        cost_paths = list(cfg.lagrange.cost_models) if self.constraint_names else [p.cost_model] * bool(p.cost_model)
+        if self.penalty.needs_cost_model and not cost_paths:
             raise ValueError(f"ppo.cost_model is required for {MODES[self.mode]}")
         self.run: Run = setup_run(cfg)
         world, device = self.run.dist.world_size, self.run.device
@@ -194,11 +197,9 @@ class PPOLagTrainer:
         self.reward = Scorer(frozen(score_model("reward", p.reward_model)),
                              load_tokenizer(p.reward_model, padding_side="right"), cfg.model.max_length,
                              actor_tokenizer=self.tokenizer, packed=self.packed["reward"])
-        self.cost = None
-        if p.cost_model:
-            self.cost = Scorer(frozen(score_model("cost", p.cost_model)),
-                               load_tokenizer(p.cost_model, padding_side="right"), cfg.model.max_length,
-                               actor_tokenizer=self.tokenizer, packed=self.packed["cost"])
+        self.costs = [Scorer(frozen(score_model(f"cost{k or ''}", path)), load_tokenizer(path, padding_side="right"),
+                             cfg.model.max_length, actor_tokenizer=self.tokenizer, packed=self.packed[f"cost{k or ''}"])
+                      for k, path in enumerate(cost_paths)]
         self.critic_r = None
         if "reward" in critic_paths:
             self.critic_r = trained(score_model("reward_critic", critic_paths["reward"]),
@@ -299,7 +300,10 @@ class PPOLagTrainer:
         self.save_final()
         if run.is_main:
             plot_metrics(run.out_dir / "metrics.jsonl",
-                         ["train/lambda", "train/episode_cost_window", "train/reward", "train/cost", "train/kl",
+                         ["train/lambda", "train/episode_cost_window",
+                          *(f"train/{key}/{name}" for name in self.constraint_names
+                            for key in ("lambda", "episode_cost_window", "unsafe_rate")),
+                          "train/reward", "train/cost", "train/kl",
                           "train/actor_loss", "train/reward_critic_loss", "train/cost_critic_loss",
                           "train/kl_loss", "train/response_length"], run.plot_dir / f"{self.mode}.png",
                          title=MODES[self.mode])
@@ -355,7 +359,7 @@ class PPOLagTrainer:
             _check_groups(gen.prompt_ids, self.group_size)
         temperature = cfg.rollout.temperature
         logp_old, logp_ref, values_r, values_c = (torch.zeros(n, width, device=device) for _ in range(4))
-        reward, cost = torch.zeros(n, device=device), torch.zeros(n, device=device)
+        reward, cost = torch.zeros(n, device=device), torch.zeros(max(1, len(self.costs)), n, device=device)
         entropy = torch.zeros(2, device=device)  # (Σ entropy, tokens)
         self.actor.eval()
         with self.phases("score"):
@@ -369,7 +373,7 @@ class PPOLagTrainer:
                 lp_ref, _ = response_logprobs(self.ref, *args, temperature, packed=self.packed["ref"],
                                               full_head=self.full_head)
                 r = self.reward(rows.sequences, rows.attention_mask)
-                c = self.cost(rows.sequences, rows.attention_mask) if self.cost is not None else None
+                c = [score(rows.sequences, rows.attention_mask) for score in self.costs]  # K × (rows,)
                 v_r = (response_values(self.critic_r, *args, packed=self.packed["reward_critic"])
                        if self.critic_r is not None else None)
                 v_c = (response_values(self.critic_c, *args, packed=self.packed["cost_critic"])
@@ -383,11 +387,13 @@ class PPOLagTrainer:
                 if v_c is not None:
                     values_c[index, cols] = v_c
                 reward[index] = r
-                if c is not None:
-                    cost[index] = c
+                for k, c_k in enumerate(c):
+                    cost[k, index] = c_k
                 entropy += torch.stack(ent)
             check_finite("reward score", reward, step)
             check_finite("cost score", cost, step)
+            if not self.constraint_names:
+                cost = cost[0]  # (N,): one constraint
         with self.phases("experience"):
             return self._advantages(step, seq, attn, plen, mask, logp_old, logp_ref, reward, cost, values_r,
                                     values_c, entropy[0] / entropy[1].clamp(min=1.0))
@@ -413,11 +419,15 @@ class PPOLagTrainer:
             groups = (-1, self.group_size)
             extra["reward_group_std"] = reward.view(groups).std(-1).mean()  # 0: the group's answers score alike
             if self.penalty.cost_critic:
-                extra["cost_group_std"] = sig.end_cost.view(groups).std(-1).mean()
+                extra["cost_group_std"] = sig.end_cost.reshape(-1, *groups[1:]).std(-1).mean()
         kl = ((logp_old - logp_ref) * mask).sum(-1)  # (N,) per-sequence KL (k1 sum)
         lengths = mask.sum(-1)  # (N,)
+        # Several constraints: the mean cost over all of them, unsafe by any; each one's under its name.
+        unsafe = cost > 0 if cost.dim() == 1 else (cost > 0).any(0)  # (N,)
+        for name, cost_k in zip(self.constraint_names, cost):
+            extra[f"cost/{name}"], extra[f"unsafe_rate/{name}"] = cost_k.mean(), (cost_k > 0).float().mean()
         local = torch.stack([reward.mean(), cost.mean(), kl.mean(), lengths.mean(), entropy,
-                             (cost > 0).float().mean(), (lengths == 0).float().mean(), *extra.values()])
+                             unsafe.float().mean(), (lengths == 0).float().mean(), *extra.values()])
         keys = ["reward", "cost", "kl", "response_length", "entropy", "unsafe_rate", "empty_rate", *extra]
         stats.update({f"train/{k}": v for k, v in zip(keys, distributed.all_reduce_mean(local.cpu()).tolist())})
         exp = Experience(seq, attn, plen, mask, logp_old, values_r, values_c, adv, ret_r, ret_c, logp_ref)
@@ -437,8 +447,10 @@ class PPOLagTrainer:
         p = self.cfg.ppo
         reward, cost = sig.end_reward, sig.end_cost  # (N,), (N,)
         if self.kl_in == "reward":
-            rewards, costs = ops.shape_rewards(logp_old, logp_ref, mask, reward, cost, p.kl_coeff, p.clip_score)
-            reward, cost = rewards.sum(-1), costs.sum(-1)  # (N,), (N,)
+            shaped = [ops.shape_rewards(logp_old, logp_ref, mask, reward, c, p.kl_coeff, p.clip_score)
+                      for c in (cost if cost.dim() == 2 else cost[None])]  # per constraint
+            reward = shaped[0][0].sum(-1)  # (N,)
+            cost = torch.stack([costs.sum(-1) for _, costs in shaped]).reshape(cost.shape)  # (N,) or (K, N)
         # The learned policy gives the cost a stream of its own (in the PPO modes, a cost critic).
         costs = cost if self.penalty.cost_critic else None
         _, _, adv = constrained_group_advantages(reward, costs, sig.lam, self.group_size, self.estimator)

@@ -12,6 +12,7 @@ import torch
 from saferlhf import distributed
 from saferlhf.algorithms import cost_model_loss, reward_model_loss
 from saferlhf.config import Config
+from saferlhf.data.categories import relabel_by_categories
 from saferlhf.data.collate import PairDataset
 from saferlhf.models import packing
 from saferlhf.models.hf import load_tokenizer
@@ -59,6 +60,12 @@ def train_preference(cfg: Config) -> dict[str, float]:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     train_rows, eval_rows = load_splits(cfg.data, "preference", cfg.run.seed)
+    if cfg.data.categories:  # a cost model of some harm categories only (lagrange.constraints)
+        train_rows = relabel_by_categories(train_rows, cfg.data.categories, f"data.train {cfg.data.train}")
+        eval_rows = relabel_by_categories(eval_rows, cfg.data.categories, "held-out rows", check_present=False)
+        logger.info("cost labels: harmful in %s (data.categories); %d of %d training rows unsafe on one side",
+                    cfg.data.categories, sum(r["is_response_0_safe"] != r["is_response_1_safe"] for r in train_rows),
+                    len(train_rows))
     make = lambda rows: PairDataset(rows, tokenizer, cfg.model.max_length, target=target,  # noqa: E731
                                     chat_template=cfg.model.chat_template)
     train_set, eval_set = make(train_rows), make(eval_rows)
