@@ -163,3 +163,13 @@ def test_the_tighter_category_threshold_ends_with_the_lower_harmful_rate(toy_mod
     assert mean("train/unsafe_rate/c0") < mean("train/unsafe_rate/c1")  # by the cost models, too
     _lambda_moves_with_its_violation(rows, "c0", THRESHOLDS[0])
     _lambda_moves_with_its_violation(rows, "c1", THRESHOLDS[1])
+
+
+def test_two_constraints_with_the_kl_in_the_reward(toy_models, tmp_path):
+    """``ppo.kl_in=reward`` shapes each constraint's cost stream with the KL, one by one: a step runs and
+    gives each constraint its λ."""
+    final = train_ppo(_multi(toy_models, tmp_path / "run", [toy_models.cm, toy_models.cm], [0.0, 1.0],
+                             "run.max_steps=1", "ppo.rollout_batch_size=2", "rollout.samples_per_prompt=4",
+                             "ppo.mini_batch_size=8", "rollout.max_new_tokens=12", "ppo.kl_in=reward"))
+    assert "train/kl_loss" not in final and final["train/actor_loss"] != 0.0
+    assert final["train/lambda/c0"] > 1.0 > final["train/lambda/c1"]

@@ -167,15 +167,15 @@ def test_group_modes_train_under_zero(toy_models, tmp_path, zero_stage):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_grpo_lag_zero3_on_two_ranks_pools_lambda_and_resumes(toy_models, tmp_path, backend):
+@pytest.mark.parametrize("command,backend", [("grpo-lag", BACKENDS[0]), ("rloo-lag", "hf")])
+def test_constrained_group_modes_zero3_on_two_ranks_pool_lambda_and_resume(toy_models, tmp_path, command, backend):
     """Two ranks (torchrun, gloo): each generates all G answers of its own prompts, λ pools both ranks'
     episode costs, the checkpoint holds per-rank actor shards and no critic, and a resumed run repeats
-    the uninterrupted one's last step."""
+    the uninterrupted one's last step. Both modes, and both generation backends (one each)."""
     from helpers import run_cli
 
     def run(out_dir, *extra):
-        args = ["grpo-lag", "--config", "tiny-cpu", f"model.name_or_path={toy_models.sft}",
+        args = [command, "--config", "tiny-cpu", f"model.name_or_path={toy_models.sft}",
                 f"ppo.reward_model={toy_models.rm}", f"ppo.cost_model={toy_models.cm}", f"run.out_dir={out_dir}",
                 "run.max_steps=3", "run.save_every=2", "run.log_every=1", "run.progress=false",
                 "run.tensorboard=false", "run.deterministic=true", "deepspeed.zero_stage=3",

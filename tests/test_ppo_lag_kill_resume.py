@@ -1,6 +1,6 @@
 """Runs killed with SIGKILL at a random step, then resumed, log what uninterrupted runs log: PPO-Lag, its
-critic-free counterpart GRPO-Lag (no critic engines; its groups of answers are drawn again after the
-resume), SFT and the reward model.
+critic-free counterparts GRPO-Lag and RLOO-Lag (no critic engines; their groups of answers are drawn
+again after the resume), SFT and the reward model.
 
 The killed process gets no chance to clean up: it may die while writing a checkpoint (a ``.tmp-step-N``
 directory is left behind) or a metrics line (the file ends in half a line). ``--resume`` must start
@@ -26,9 +26,9 @@ from saferlhf.trainers.common import read_metrics
 STEPS = 6
 
 
-# Per stage: the same episodes per step (PPO-Lag 8 prompts x 1 answer, GRPO-Lag 2 prompts x 4 answers).
-BATCH = {"ppo-lag": ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4"],
-         "grpo-lag": ["ppo.rollout_batch_size=2", "rollout.samples_per_prompt=4", "ppo.mini_batch_size=4"]}
+# Per stage: the same episodes per step (PPO-Lag 8 prompts x 1 answer, the group modes 2 prompts x 4 answers).
+GROUP = ["ppo.rollout_batch_size=2", "rollout.samples_per_prompt=4", "ppo.mini_batch_size=4"]
+BATCH = {"ppo-lag": ["ppo.rollout_batch_size=8", "ppo.mini_batch_size=4"], "grpo-lag": GROUP, "rloo-lag": GROUP}
 
 
 def _args(toy_models, out_dir, stage: str = "ppo-lag") -> list[str]:
@@ -80,7 +80,7 @@ def _kill_and_resume(args: list[str], killed, log, kill_after: int, steps: int) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["ppo-lag", "grpo-lag"])
+@pytest.mark.parametrize("stage", ["ppo-lag", "grpo-lag", "rloo-lag"])
 def test_sigkill_at_a_random_step_then_resume_matches_an_uninterrupted_run(toy_models, tmp_path, stage):
     full = tmp_path / "full"
     done = run_cli(_args(toy_models, full, stage), timeout=900)

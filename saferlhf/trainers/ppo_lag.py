@@ -20,6 +20,8 @@ whole scored rollout, before the update cuts it into mini-batches and token-budg
 the rows are then split, each carries its own group's advantage. A rank generates every answer of its
 own prompts, so no group spans ranks. The KL to the reference enters as a k3 loss term
 (``ppo.kl_in=loss``, their default) or in the reward as the PPO modes place it (``reward``).
+With ``lagrange.constraints`` (grpo-lag, rloo-lag) there are K cost models, the cost is (K, N), one λ_k
+per constraint, and A = (Â_r − Σ_k λ_k·Â_c,k) / (1 + Σ_k λ_k).
 
 Notation: N sequences in a rollout, P prompt tokens (left-padded), T response tokens
 (right-padded), L = P + T, V vocabulary.
@@ -445,7 +447,7 @@ class PPOLagTrainer:
         model passes of a step, so a fused op would save nothing measurable.
         """
         p = self.cfg.ppo
-        reward, cost = sig.end_reward, sig.end_cost  # (N,), (N,)
+        reward, cost = sig.end_reward, sig.end_cost  # (N,), (N,) or (K, N)
         if self.kl_in == "reward":
             shaped = [ops.shape_rewards(logp_old, logp_ref, mask, reward, c, p.kl_coeff, p.clip_score)
                       for c in (cost if cost.dim() == 2 else cost[None])]  # per constraint
