@@ -33,7 +33,8 @@ def test_baseline_and_fused_compute_the_same_step(bench_step, fused, compile):
         pytest.importorskip("triton")
     device = "cuda" if fused == "triton" and torch.cuda.is_available() else "cpu"
     ablation = fused == "native"  # the levers one at a time, on the cheaper backend
-    result = bench_step.measure("tiny", device, steps=1, fused=fused, rounds=2, ablation=ablation, compile=compile)
+    # One round: the timings are not asserted, only that both configurations compute the same step.
+    result = bench_step.measure("tiny", device, steps=1, fused=fused, rounds=1, ablation=ablation, compile=compile)
     base, fast = result["configs"]["baseline"], result["configs"]["saferlhf"]
     assert (base["ops"], fast["ops"]) == ("reference", fused)
     compiled = compile == "true" or device == "cuda"  # auto compiles on CUDA only
