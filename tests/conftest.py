@@ -19,15 +19,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (``--dist loadgroup``), every test that uses the demo's round 1 runs on one
-    worker, so the most expensive fixture is built once, not once per worker."""
-    for item in items:
-        if "round_one" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("round_one"))
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _give_freed_memory_back():
     """After each test module: collect, then hand the allocator's freed pages back to the system. The
