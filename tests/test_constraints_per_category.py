@@ -146,7 +146,7 @@ def test_the_tighter_category_threshold_ends_with_the_lower_harmful_rate(toy_mod
                                                 "run.max_steps=120"))
         assert metrics["eval/sign_accuracy"] >= 0.9, (name, metrics)  # it tells harm in its categories apart
         cost_models.append(out / "model")
-    run = tmp_path / "grpo-lag"
+    run = tmp_path / "rloo-lag"
     # Red-teaming prompts: 3 of the 8 harmful topics are severe. d is the share of all answers unsafe in the
     # group: at most 5 % severe, at most 40 % other.
     train_ppo(_multi(toy_models, run, cost_models, THRESHOLDS, "run.progress=false", "rollout.backend=vllm",
