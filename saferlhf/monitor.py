@@ -128,20 +128,26 @@ def plot_metrics(metrics_path: Path, keys: Sequence[str], out_png: Path, title: 
 
     cols = min(3, len(series))
     nrows = math.ceil(len(series) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows), squeeze=False)
+    width, height = 4.2 * cols, 3.0 * nrows + (0.3 if title else 0.0)  # inches
+    top = 0.6 if title else 0.3  # inches above the first row: the title, the panels' titles
+    fig, axes = plt.subplots(nrows, cols, figsize=(width, height), squeeze=False)
+    # Fixed margins (inches → figure fractions) rather than tight_layout, which draws the figure once
+    # more to measure its text: a third of the time of a plot that every run writes.
+    fig.subplots_adjust(left=0.75 / width, right=1 - 0.15 / width, bottom=0.45 / height, top=1 - top / height,
+                        wspace=0.4, hspace=0.5)
     for ax, (key, points) in zip(axes.flat, series.items()):
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="." if len(xs) < 30 else None)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))  # short tick labels fit the margins
     for ax in list(axes.flat)[len(series):]:
         ax.axis("off")
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        fig.suptitle(title, y=1 - 0.08 / height, va="top")
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
+    fig.savefig(out_png, dpi=110, pil_kwargs={"compress_level": 1})  # fast zlib: a little larger, half the time
     plt.close(fig)
     return out_png
 

