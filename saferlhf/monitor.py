@@ -147,7 +147,7 @@ def plot_metrics(metrics_path: Path, keys: Sequence[str], out_png: Path, title: 
     if title:
         fig.suptitle(title, y=1 - 0.08 / height, va="top")
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110, pil_kwargs={"compress_level": 1})  # fast zlib: a little larger, half the time
+    fig.savefig(out_png, dpi=110, pil_kwargs={"compress_level": 1})  # fast zlib: a little larger, quicker to write
     plt.close(fig)
     return out_png
 

@@ -176,6 +176,7 @@ def test_engine_output_goes_to_the_run_directory_not_the_console(trainer, capfd)
     assert "Failed to load weights" in log  # a push's reload warnings (the rotary buffers carry no weights)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU vLLM's own collections stay (it measures memory)")
 def test_an_engine_restart_on_cpu_collects_the_heap_once_and_frees_the_old_engine(trainer):
     """vLLM collects the whole heap four times while an engine starts (for GPU memory figures); on the CPU
     those are skipped and the stop collects once, after which the stopped engine's model is gone."""
@@ -196,7 +197,7 @@ def test_an_engine_restart_on_cpu_collects_the_heap_once_and_frees_the_old_engin
             gc.enable()
     assert full.count(2) == 1, full
     assert old() is None  # the stopped engine was freed by that one collection
-    assert gc.collect is not None and gc.collect.__module__ == "gc"  # the gc module's own function is back
+    assert gc.collect.__module__ == "gc"  # the gc module's own function is back
     trainer.sync_weights()  # the new engine takes pushes and serves the actor
     same, diff = trainer.generator.verify(trainer.actor, _probes(trainer), max_new_tokens=12)
     assert same and diff <= 1e-4
