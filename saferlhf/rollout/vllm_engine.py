@@ -195,9 +195,9 @@ def _full_collections_skipped():
     """Skip vLLM's own whole-heap garbage collections while an engine starts or stops on the CPU.
 
     vLLM collects the whole heap four times while an engine starts, to release GPU memory before it
-    measures it. On the CPU nothing is measured, and each collection walks every object of the process:
-    ~0.3 s in a fresh trainer, more in a long-lived one (a round, a test session). The stop collects
-    once, after the engine is gone.
+    measures it, and once more while it stops. On the CPU nothing is measured, and each collection walks
+    every object of the process: ~0.3 s in a fresh trainer, more in a long-lived one (a round, a test
+    session). `shutdown` collects once, after the engine is gone.
     """
     if torch.cuda.is_available():
         yield
