@@ -16,13 +16,12 @@ from saferlhf.rollout.vllm_engine import vllm_available
 @pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
-def test_tensor_parallel_engine_serves_each_rank_its_own_prompts_and_takes_synced_weights(toy_models):
+def test_tensor_parallel_engine_serves_each_rank_its_own_prompts_and_takes_synced_weights(toy_models, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(REPO / "tests" / "workers" / "vllm_tensor_parallel.py"), str(toy_models.sft)]
+           str(REPO / "tests" / "workers" / "vllm_tensor_parallel.py"), str(toy_models.sft), str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=cli_env(2), timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-4000:]
-    lines = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
-                   key=lambda r: r["rank"])
+    lines = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in lines] == [0, 1]
     assert [r["rows"] for r in lines] == [2, 1]  # each rank gets the rows of its own prompts back
     for r in lines:

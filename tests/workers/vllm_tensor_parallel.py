@@ -1,11 +1,13 @@
 """Run under torchrun with 2 ranks: one vLLM engine of tensor-parallel size 2 spanning both ranks.
 
-Each rank asks for its own prompts (a different number on each); prints one JSON line per rank.
-Argument: a model directory.
+Each rank asks for its own prompts (a different number on each) and writes its findings to
+``rank<r>.json`` in the output directory (one file per rank: two ranks printing to one pipe can
+interleave their lines). Arguments: a model directory, an output directory.
 """
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -17,7 +19,7 @@ from saferlhf.rollout.sync import WeightSpec, bucketize, weight_groups
 from saferlhf.rollout.vllm_engine import VLLMGenerator
 
 info = init_distributed()
-path = sys.argv[1]
+path, out = sys.argv[1], Path(sys.argv[2])
 tokenizer = load_tokenizer(path, padding_side="left")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
@@ -41,7 +43,8 @@ sync = engine.load_weights(bucketize(weight_groups(model), 1 << 20))
 synced = engine.verify(model, [batch.input_ids[0][batch.attention_mask[0].bool()].tolist()])
 shards = sorted({p.rows for p in engine.plan if p.module.endswith("qkv_proj")})
 engine.shutdown()
-print(json.dumps({"rank": info.rank, "rows": mine.response_ids.shape[0],
-                  "matches_hf": torch.equal(mine.response_ids, own.response_ids), "stale": list(stale),
-                  "synced": list(synced), "unchecked": engine.unchecked, "stale_check_ok": stale_check.ok,
-                  "check_ok": sync.check.ok, "check_error": sync.check.worst[1], "qkv_rows": shards}), flush=True)
+found = {"rank": info.rank, "rows": mine.response_ids.shape[0],
+         "matches_hf": torch.equal(mine.response_ids, own.response_ids), "stale": list(stale),
+         "synced": list(synced), "unchecked": engine.unchecked, "stale_check_ok": stale_check.ok,
+         "check_ok": sync.check.ok, "check_error": sync.check.worst[1], "qkv_rows": shards}
+(out / f"rank{info.rank}.json").write_text(json.dumps(found))
