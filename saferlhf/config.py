@@ -57,7 +57,8 @@ class RunConfig:
                               "progress bars) on the console; otherwise the engine writes to engine-rank<r>.log in "
                               "the run directory and the others are quiet")
     threads: int = _f(0, "CPU threads per rank for torch and the native ops (0: the cores this process may use "
-                         "divided by the ranks on this machine); never more than that")
+                         "divided by the ranks on this machine, capped by OMP_NUM_THREADS where set); never "
+                         "more than that")
 
 
 @dataclass

@@ -121,12 +121,16 @@ def cpu_threads(requested: int = 0) -> int:
     """Threads one rank should use on the CPU: ``requested`` (0: automatic), never more than its share.
 
     The share is the cores this process may run on (its affinity, which cgroups and launchers narrow)
-    divided by the ranks on this machine (``LOCAL_WORLD_SIZE``), at least 1. More threads than cores
+    divided by the ranks on this machine (``LOCAL_WORLD_SIZE``), at least 1, and no more than
+    ``OMP_NUM_THREADS`` where that is set (several jobs sharing a machine). More threads than cores
     make every parallel region wait for a descheduled thread at its barrier; a loaded machine then
     collapses instead of slowing down.
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     share = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        share = min(share, int(omp))
     return min(requested, share) if requested > 0 else share
 
 

@@ -3,6 +3,10 @@ the demo's round 1 from them (`saferlhf.rounds.run_round` with these models: PPO
 reward-shaping baselines, each scored by the ground truth; the red-teaming eval).
 
 Stages run in-process (a world of one, gloo); the distributed tests launch torchrun themselves.
+
+The suite runs on two pytest-xdist workers (``-n 2``), one core each: the toy models are small enough
+that a second thread barely speeds a pass, so two workers do nearly twice the work. Every test that
+uses the demo's round 1 runs on one worker (``xdist_group``), so that round is trained once.
 """
 
 from __future__ import annotations
@@ -16,7 +20,18 @@ import pytest
 from helpers import ToyModels, stage_config
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker, for its stages and the processes it starts
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "round_one" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("round_one"))
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -47,3 +47,16 @@ def test_global_batches_are_the_same_for_any_world_size(world):
 def test_all_reduce_mean_is_identity_without_a_group():
     x = torch.tensor([1.0, 2.0])
     assert torch.equal(distributed.all_reduce_mean(x), x)
+
+
+def test_cpu_threads_take_the_cores_per_local_rank_capped_by_omp_num_threads(monkeypatch):
+    from saferlhf.distributed import cpu_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpu_threads() == 4 and cpu_threads(2) == 2 and cpu_threads(16) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # another job shares the machine: the user's cap holds
+    assert cpu_threads() == 3 and cpu_threads(16) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "")  # unset in effect
+    assert cpu_threads() == 4
