@@ -4,9 +4,10 @@ reward-shaping baselines, each scored by the ground truth; the red-teaming eval)
 
 Stages run in-process (a world of one, gloo); the distributed tests launch torchrun themselves.
 
-The suite runs on two pytest-xdist workers (``-n 2``), one core each: the toy models are small enough
-that a second thread barely speeds a pass, so two workers do nearly twice the work. Every test that
-uses the demo's round 1 runs on one worker (``xdist_group``), so that round is trained once.
+The test command runs the suite on two pytest-xdist workers (``-n 2``), one core each: the toy models
+are small enough that a second thread barely speeds a pass, so two workers do nearly twice the work.
+The workers share the session fixtures: the first to need one builds it under a file lock, the other
+loads what it built.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import pickle
 
 import pytest
 from helpers import ToyModels, stage_config
@@ -25,13 +27,25 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one core per worker, for its stages
     import torch
 
     torch.set_num_threads(1)
+QUIET = ["run.progress=false", "run.tensorboard=false"]
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "round_one" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("round_one"))
+def _built_once(tmp_path_factory, name: str, build):
+    """``build(directory)``, once per test session: under xdist the first worker to ask builds it in the
+    session's shared temporary directory and pickles the result; the others wait for it and load it."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp(name))
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent  # this session's, above every worker's own
+    built = shared / f"{name}.pickle"
+    with FileLock(str(shared / f"{name}.lock")):
+        if built.exists():
+            return pickle.loads(built.read_bytes())
+        value = build(shared / name)
+        built.write_bytes(pickle.dumps(value))
+        return value
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,13 +64,15 @@ def toy_models(tmp_path_factory) -> ToyModels:
     from saferlhf.trainers.preference import train_preference
     from saferlhf.trainers.sft import train_sft
 
-    root = tmp_path_factory.mktemp("toy")
-    base = build_base_model(root / "base")
-    train_sft(stage_config("sft", root / "sft", base))
-    sft = root / "sft" / "model"
-    rm_metrics = train_preference(stage_config("rm", root / "rm", sft))
-    cm_metrics = train_preference(stage_config("cm", root / "cm", sft))
-    return ToyModels(root, base, sft, root / "rm" / "model", root / "cm" / "model", rm_metrics, cm_metrics)
+    def build(root):
+        base = build_base_model(root / "base")
+        train_sft(stage_config("sft", root / "sft", base))
+        sft = root / "sft" / "model"
+        rm_metrics = train_preference(stage_config("rm", root / "rm", sft))
+        cm_metrics = train_preference(stage_config("cm", root / "cm", sft))
+        return ToyModels(root, base, sft, root / "rm" / "model", root / "cm" / "model", rm_metrics, cm_metrics)
+
+    return _built_once(tmp_path_factory, "toy", build)
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +98,11 @@ def round_one(toy_models, tmp_path_factory):
     from saferlhf.config import resolve_preset
     from saferlhf.pipeline import DemoResult, run_round_one
 
-    result = DemoResult(tmp_path_factory.mktemp("demo"))
-    run_round_one(result, toy_models.sft, resolve_preset("tiny-cpu"), ["run.progress=false", "run.tensorboard=false"],
-                  reward_model=toy_models.rm, cost_model=toy_models.cm)
-    result.stages["rm"], result.stages["cm"] = toy_models.rm_metrics, toy_models.cm_metrics
-    return result
+    def build(out_dir):
+        result = DemoResult(out_dir)
+        run_round_one(result, toy_models.sft, resolve_preset("tiny-cpu"), QUIET, reward_model=toy_models.rm,
+                      cost_model=toy_models.cm)
+        result.stages["rm"], result.stages["cm"] = toy_models.rm_metrics, toy_models.cm_metrics
+        return result
+
+    return _built_once(tmp_path_factory, "demo", build)
