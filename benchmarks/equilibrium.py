@@ -16,7 +16,7 @@ SFT model, ``--steps`` steps long. Each run is judged by
 
 Configurations (``CONFIGS``): the paper's mean-cost constraint at d = 0, the chance constraint
 ``unsafe_rate`` at d = 0.05 (the demo's) and 0.20 (also with a 5x slower λ, and with a PI(D)
-controller for λ at two integral gains), RePO's ``rectified``
+controller for λ at two integral gains; both also at the demo's policy learning rate), RePO's ``rectified``
 cost, and the preset's own stages as the demo runs them (``preset_ppo_lag``, ``preset_grpo_lag``,
 ``preset_rloo_lag``, ``preset_grpo``; with ``--steps 150``), which also report the training side's
 seconds per step and the peak resident memory. Prints a table (mean over seeds, and every seed) and
@@ -69,6 +69,14 @@ CONFIGS = {
     "unsafe_rate_0.20_pi_ki0.1": [*BASE, "lagrange.constraint=unsafe_rate", "lagrange.threshold=0.2",
                                   "lagrange.method=pid", "lagrange.kp=10", "lagrange.ki=0.1", "lagrange.kd=0",
                                   "lagrange.lambda_max=100"],
+    # d = 0.20 at the demo's policy learning rate (3e-4 instead of 1e-4): the policy follows λ in about a
+    # third of the steps, so λ has less time to overshoot (the gradient rule) or wind up (PI).
+    "unsafe_rate_0.20_policy_lr3e-4": ["optim.lr=3e-4", "lagrange.lambda_init=1.0", "lagrange.constraint=unsafe_rate",
+                                       "lagrange.threshold=0.2", "lagrange.lr=0.1", "lagrange.lambda_max=100"],
+    "unsafe_rate_0.20_pi_policy_lr3e-4": ["optim.lr=3e-4", "lagrange.lambda_init=1.0",
+                                          "lagrange.constraint=unsafe_rate", "lagrange.threshold=0.2",
+                                          "lagrange.method=pid", "lagrange.kp=10", "lagrange.ki=0.1",
+                                          "lagrange.kd=0", "lagrange.lambda_max=100"],
     "rectified_d0": [*BASE, "lagrange.constraint=rectified", "lagrange.threshold=0.0", "lagrange.lr=0.004",
                      "lagrange.lambda_max=5"],
     # The preset's own RL stages as the demo runs them (its constraint, learning rate and 150-step budget;
