@@ -9,7 +9,9 @@ For every seed: the toy world's base model, SFT, reward and cost models of the `
 SFT model, ``--steps`` steps long. Each run is judged by
 
 - the toy world's ground truth of its final policy on 256 held-out prompts × 2 samples
-  (``harm_rate`` on harmful requests, ``helpfulness`` on benign ones);
+  (``harm_rate`` on harmful requests, ``helpfulness`` on benign ones), and the run's cost model on the
+  same answers (``cost_model_unsafe_rate``; ``missed_harm_rate``: harmful by the ground truth, scored
+  safe by the cost model);
 - its last quarter of training: the mean share of answers the cost model calls unsafe
   (``train/unsafe_rate``, on the run's harmful prompts), the mean J_C and λ, and λ's spread (settled
   when its relative spread is small and J_C sits at d).
@@ -127,8 +129,9 @@ def run(out: Path, seed: int, name: str, steps: int, sft: Path, rm: Path, cm: Pa
     tail = rows[-max(1, len(rows) // 4):]
     nan = float("nan")
     lams = [r["train/lambda"] for r in tail if "train/lambda" in r] or [nan]  # the unconstrained modes log none
-    truth = evaluate_policy(run_dir / "model")
+    truth = evaluate_policy(run_dir / "model", cost_model=cm)
     return {"harm_rate": truth["harm_rate"], "helpfulness": truth["helpfulness"],
+            "cost_model_unsafe_rate": truth["cost_model_unsafe_rate"], "missed_harm_rate": truth["missed_harm_rate"],
             "harm_rate_ci": [truth["harm_rate_low"], truth["harm_rate_high"]],
             "tail_unsafe_rate": statistics.mean(r["train/unsafe_rate"] for r in tail),
             "tail_cost_window": statistics.mean(r.get("train/episode_cost_window", nan) for r in tail),
@@ -152,7 +155,7 @@ def format_table(results: dict, names: list[str]) -> str:
     lines = [f"{results['steps']} steps, seeds {seeds}; ground truth of the final policies on 256 held-out "
              "prompts x 2",
              f"{'configuration':18} {'harm (mean)':>11} {'per seed':>24} {'helpful':>8} {'tail unsafe':>11} "
-             f"{'tail J_C':>9} {'tail λ':>12} {'learn s/step':>12} {'peak RSS GB':>11}"]
+             f"{'cm unsafe':>9} {'missed':>6} {'tail J_C':>9} {'tail λ':>12} {'learn s/step':>12} {'peak RSS GB':>11}"]
 
     def row(name: str, per_seed: dict, tail: bool) -> str:
         harms = [per_seed[s]["harm_rate"] for s in seeds]
@@ -160,6 +163,8 @@ def format_table(results: dict, names: list[str]) -> str:
                 f"{_mean([per_seed[s]['helpfulness'] for s in seeds]):8.3f}")
         if tail:
             line += (f" {_mean([per_seed[s]['tail_unsafe_rate'] for s in seeds]):11.3f}"
+                     f" {_mean([per_seed[s]['cost_model_unsafe_rate'] for s in seeds]):9.3f}"
+                     f" {_mean([per_seed[s]['missed_harm_rate'] for s in seeds]):6.3f}"
                      f" {_mean([per_seed[s]['tail_cost_window'] for s in seeds]):+9.3f}"
                      f" {_mean([per_seed[s]['tail_lambda'] for s in seeds]):6.2f}"
                      f"±{_mean([per_seed[s]['tail_lambda_sd'] for s in seeds]):.2f}")

@@ -2,8 +2,10 @@
 
 ``evaluate_policy`` samples a policy checkpoint on held-out toy prompts and scores every answer with
 the toy world (harmful rate on harmful requests, helpfulness on benign ones) with 95 % bootstrap
-intervals over prompts; ``read_trace`` and ``lambda_summary`` read λ, J_C, reward and cost per step
-of a PPO run from its ``metrics.jsonl``. The demo, the rounds and the tests all judge policies so.
+intervals over prompts, and with ``cost_model`` what that cost model says of the same answers (its
+blind spot: harmful answers it scores as safe); ``read_trace`` and ``lambda_summary`` read λ, J_C,
+reward and cost per step of a PPO run from its ``metrics.jsonl``. The demo, the rounds and the tests
+all judge policies so.
 """
 
 from __future__ import annotations
@@ -41,15 +43,40 @@ def ground_truth_intervals(prompts: list[str], responses: list[str], seed: int =
     return out
 
 
+def cost_model_verdicts(prompts: list[str], responses: list[str], cost_model: Path) -> dict[str, float]:
+    """What ``cost_model`` says of answers the ground truth judged, on harmful requests.
+
+    ``cost_model_unsafe_rate``: the share of those answers it scores unsafe (cost > 0), the share a
+    chance constraint holds at its threshold; ``missed_harm_rate``: the share that is harmful by the
+    ground truth yet scored safe — where a policy that satisfies the constraint by the cost model's
+    reading is still harmful. ``prompts`` holds one entry per response.
+    """
+    import torch
+
+    from saferlhf.data.toyworld import score
+    from saferlhf.evaluate.evaluate import load_scorer
+
+    harmful = [i for i, (p, r) in enumerate(zip(prompts, responses)) if score(p, r).is_harmful_request]
+    if not harmful:
+        return {}
+    scorer = load_scorer(cost_model, torch.device("cpu"), what="cost_model")
+    costs = scorer.texts([prompts[i] for i in harmful], [responses[i] for i in harmful])
+    unsafe = [c > 0 for c in costs]
+    missed = [score(prompts[i], responses[i]).harm and not u for i, u in zip(harmful, unsafe)]
+    return {"cost_model_unsafe_rate": sum(unsafe) / len(harmful), "missed_harm_rate": sum(missed) / len(harmful)}
+
+
 def evaluate_policy(model_dir: Path, n_prompts: int = EVAL_PROMPTS, seed: int = EVAL_SEED, *,
-                    max_new_tokens: int = 48, max_length: int = 64, by_category: bool = False) -> dict:
+                    max_new_tokens: int = 48, max_length: int = 64, by_category: bool = False,
+                    cost_model: Path | None = None) -> dict:
     """Ground-truth metrics of a policy checkpoint on held-out toy prompts, with 95% intervals.
 
     Responses are sampled (temperature 1, fixed seed), not greedy: the policy is a distribution, and
     a greedy decode would report only its mode (an SFT policy that complies with half of the harmful
     requests would read as 0 % or 100 % harmful). The keys are those of
     `saferlhf.data.toyworld.evaluate_responses` plus ``harm_rate_low/high`` and ``helpfulness_low/high``;
-    ``by_category`` adds ``harm_rate_by_category`` (harm category → harmful rate on its requests).
+    ``by_category`` adds ``harm_rate_by_category`` (harm category → harmful rate on its requests);
+    ``cost_model`` adds `cost_model_verdicts` of that cost model on the same answers.
     """
     from saferlhf.data.registry import mix_datasets
     from saferlhf.data.toyworld import evaluate_responses
@@ -69,6 +96,8 @@ def evaluate_policy(model_dir: Path, n_prompts: int = EVAL_PROMPTS, seed: int = 
         from saferlhf.data.toyworld import harm_rate_by_category
 
         metrics["harm_rate_by_category"] = harm_rate_by_category(asked, responses)
+    if cost_model is not None:
+        metrics.update(cost_model_verdicts(asked, responses, cost_model))
     return metrics
 
 
