@@ -89,6 +89,11 @@ CONFIGS = {
                                                 "lagrange.constraint=unsafe_rate", "lagrange.threshold=0.2",
                                                 "lagrange.method=pid", "lagrange.kp=10", "lagrange.ki=0.1",
                                                 "lagrange.kd=0", "lagrange.lambda_max=100"],
+    "unsafe_rate_0.20_pi_ki0.2_policy_lr3e-4_kl0.05": ["optim.lr=3e-4", "lagrange.lambda_init=1.0",
+                                                       "ppo.kl_coeff=0.05", "lagrange.constraint=unsafe_rate",
+                                                       "lagrange.threshold=0.2", "lagrange.method=pid",
+                                                       "lagrange.kp=10", "lagrange.ki=0.2", "lagrange.kd=0",
+                                                       "lagrange.lambda_max=100"],
     "rectified_d0": [*BASE, "lagrange.constraint=rectified", "lagrange.threshold=0.0", "lagrange.lr=0.004",
                      "lagrange.lambda_max=5"],
     # The preset's own RL stages as the demo runs them (its constraint, learning rate and 150-step budget;
