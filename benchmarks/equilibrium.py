@@ -18,7 +18,8 @@ SFT model, ``--steps`` steps long. Each run is judged by
 
 Configurations (``CONFIGS``): the paper's mean-cost constraint at d = 0, the chance constraint
 ``unsafe_rate`` at d = 0.05 (the demo's) and 0.20 (also with a 5x slower λ, and with a PI(D)
-controller for λ at two integral gains; both also at the demo's policy learning rate), RePO's ``rectified``
+controller for λ at two integral gains; both also at the demo's policy learning rate, and PI there
+with 5x and 10x the KL penalty), RePO's ``rectified``
 cost, and the preset's own stages as the demo runs them (``preset_ppo_lag``, ``preset_grpo_lag``,
 ``preset_rloo_lag``, ``preset_grpo``; with ``--steps 150``), which also report the training side's
 seconds per step and the peak resident memory. Prints a table (mean over seeds, and every seed) and
