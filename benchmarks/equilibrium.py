@@ -48,6 +48,15 @@ QUIET = ["run.progress=false", "run.tensorboard=false"]
 # follows the scale of J_C − d: the signed and rectified costs move over several units (0.004, λ ≤ 5), the
 # unsafe share over [0, 1] while the reward moves over several units, so λ needs room far above 5 there.
 BASE = ["optim.lr=1e-4", "lagrange.lambda_init=1.0"]
+FAST = ["optim.lr=3e-4", "lagrange.lambda_init=1.0"]  # the demo's policy learning rate
+CHANCE_020 = ["lagrange.constraint=unsafe_rate", "lagrange.threshold=0.2"]
+
+
+def pi(ki: float) -> list[str]:
+    """A PI controller for λ (kp 10, no derivative term, λ ≤ 100) with integral gain ``ki``."""
+    return ["lagrange.method=pid", "lagrange.kp=10", f"lagrange.ki={ki}", "lagrange.kd=0", "lagrange.lambda_max=100"]
+
+
 CONFIGS = {
     "mean_cost_d0": [*BASE, "lagrange.constraint=mean_cost", "lagrange.threshold=0.0", "lagrange.lr=0.004",
                      "lagrange.lambda_max=5"],
@@ -74,27 +83,13 @@ CONFIGS = {
                                   "lagrange.lambda_max=100"],
     # d = 0.20 at the demo's policy learning rate (3e-4 instead of 1e-4): the policy follows λ in about a
     # third of the steps, so λ has less time to overshoot (the gradient rule) or wind up (PI).
-    "unsafe_rate_0.20_policy_lr3e-4": ["optim.lr=3e-4", "lagrange.lambda_init=1.0", "lagrange.constraint=unsafe_rate",
-                                       "lagrange.threshold=0.2", "lagrange.lr=0.1", "lagrange.lambda_max=100"],
-    "unsafe_rate_0.20_pi_policy_lr3e-4": ["optim.lr=3e-4", "lagrange.lambda_init=1.0",
-                                          "lagrange.constraint=unsafe_rate", "lagrange.threshold=0.2",
-                                          "lagrange.method=pid", "lagrange.kp=10", "lagrange.ki=0.1",
-                                          "lagrange.kd=0", "lagrange.lambda_max=100"],
+    "unsafe_rate_0.20_policy_lr3e-4": [*FAST, *CHANCE_020, "lagrange.lr=0.1", "lagrange.lambda_max=100"],
+    "unsafe_rate_0.20_pi_policy_lr3e-4": [*FAST, *CHANCE_020, *pi(0.1)],
     # The same with 5x and 10x the KL penalty (the preset's ppo.kl_coeff is 0.01): a policy held nearer the
     # SFT model's answers has less room to find answers the cost model has never seen.
-    "unsafe_rate_0.20_pi_policy_lr3e-4_kl0.05": ["optim.lr=3e-4", "lagrange.lambda_init=1.0", "ppo.kl_coeff=0.05",
-                                                 "lagrange.constraint=unsafe_rate", "lagrange.threshold=0.2",
-                                                 "lagrange.method=pid", "lagrange.kp=10", "lagrange.ki=0.1",
-                                                 "lagrange.kd=0", "lagrange.lambda_max=100"],
-    "unsafe_rate_0.20_pi_policy_lr3e-4_kl0.1": ["optim.lr=3e-4", "lagrange.lambda_init=1.0", "ppo.kl_coeff=0.1",
-                                                "lagrange.constraint=unsafe_rate", "lagrange.threshold=0.2",
-                                                "lagrange.method=pid", "lagrange.kp=10", "lagrange.ki=0.1",
-                                                "lagrange.kd=0", "lagrange.lambda_max=100"],
-    "unsafe_rate_0.20_pi_ki0.2_policy_lr3e-4_kl0.05": ["optim.lr=3e-4", "lagrange.lambda_init=1.0",
-                                                       "ppo.kl_coeff=0.05", "lagrange.constraint=unsafe_rate",
-                                                       "lagrange.threshold=0.2", "lagrange.method=pid",
-                                                       "lagrange.kp=10", "lagrange.ki=0.2", "lagrange.kd=0",
-                                                       "lagrange.lambda_max=100"],
+    "unsafe_rate_0.20_pi_policy_lr3e-4_kl0.05": [*FAST, "ppo.kl_coeff=0.05", *CHANCE_020, *pi(0.1)],
+    "unsafe_rate_0.20_pi_policy_lr3e-4_kl0.1": [*FAST, "ppo.kl_coeff=0.1", *CHANCE_020, *pi(0.1)],
+    "unsafe_rate_0.20_pi_ki0.2_policy_lr3e-4_kl0.05": [*FAST, "ppo.kl_coeff=0.05", *CHANCE_020, *pi(0.2)],
     "rectified_d0": [*BASE, "lagrange.constraint=rectified", "lagrange.threshold=0.0", "lagrange.lr=0.004",
                      "lagrange.lambda_max=5"],
     # The preset's own RL stages as the demo runs them (its constraint, learning rate and 150-step budget;
